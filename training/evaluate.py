@@ -1,0 +1,72 @@
+"""Test accuracy and retrieval precision@k of a search bundle on held-out images, written to a JSON file.
+
+    python -m training.evaluate --bundle runs/x/bundle --data-dir data/photos --queries runs/x/val.csv
+
+precision@k: the share of a query's k nearest catalogue items that are in the query's category.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from visual_search.bundle import load_bundle
+from visual_search.catalogue import read_csv, subsample
+from visual_search.embedding import embed_items
+from visual_search.index import l2_normalize, search
+from visual_search.model import pick_device
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bundle", required=True, help="bundle folder written by training.build_index")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--queries", required=True, help="CSV of held-out images (the run's val.csv)")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--max-per-category", type=int, default=None, help="evaluate on a seeded subset")
+    p.add_argument("--out", default=None, help="JSON file (default: evaluation.json in the bundle folder)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def retrieval_metrics(query_categories, neighbour_categories):
+    """precision@k overall and per category, from [Q] query and [Q, k] neighbour category arrays."""
+    hits = neighbour_categories == query_categories[:, None]
+    per_query = hits.mean(axis=1)
+    per_category = {c: float(per_query[query_categories == c].mean()) for c in sorted(set(query_categories))}
+    return float(per_query.mean()), per_category
+
+
+def main(argv=None):
+    args = get_args(argv)
+    bundle = load_bundle(args.bundle)
+    queries = subsample(read_csv(args.queries), args.max_per_category, seed=1)
+    embeddings, logits = embed_items(bundle.model, args.data_dir, queries, bundle.categories, bundle.preprocess,
+                                     pick_device(args.device), args.batch_size, args.workers, desc="embedding queries")
+    if bundle.normalize:
+        embeddings = l2_normalize(embeddings)
+    _, positions = search(bundle.index, embeddings, args.k)
+    catalogue_categories = np.array([it.category for it in bundle.items])
+    query_categories = np.array([it.category for it in queries])
+    precision, per_category = retrieval_metrics(query_categories, catalogue_categories[positions])
+    predicted = np.array(bundle.categories)[logits.argmax(axis=1)]
+    results = {
+        "queries": len(queries),
+        "catalogue_items": len(bundle.items),
+        "k": args.k,
+        "test_accuracy": float((predicted == query_categories).mean()),
+        f"precision_at_{args.k}": precision,
+        f"precision_at_{args.k}_per_category": per_category,
+        "image_size": bundle.preprocess.image_size,
+    }
+    out = Path(args.out) if args.out else Path(args.bundle) / "evaluation.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"test accuracy {results['test_accuracy']:.4f} | precision@{args.k} {precision:.4f} "
+          f"({len(queries)} queries, {len(bundle.items)} catalogue items) -> {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
