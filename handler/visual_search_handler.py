@@ -10,10 +10,9 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from visual_search.bundle import load_bundle
-from visual_search.images import InputError
-from visual_search.index import l2_normalize, search
-from visual_search.preprocessing import eval_transform
-from visual_search.service_io import error_answer, parse_query
+from visual_search.handler_metrics import record_batch, timed
+from visual_search.runtime import Runtime, RuntimeSettings
+from visual_search.service_io import error_answer
 
 log = logging.getLogger(__name__)
 
@@ -25,45 +24,42 @@ class VisualSearchHandler(BaseHandler):
         gpu_id = properties.get("gpu_id")
         use_cuda = torch.cuda.is_available() and gpu_id is not None
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
-        self.model = self.bundle.model.to(self.device).eval()
-        self.transform = eval_transform(self.bundle.preprocess)
-        settings = (context.model_yaml_config or {}).get("handler", {})
+        config = context.model_yaml_config or {}
+        settings, dropped = RuntimeSettings.from_dict(self.bundle.manifest["runtime"]).for_device(self.device)
+        for name, why in dropped.items():
+            log.info("runtime setting %s not applied: %s", name, why)
+        self.runtime = Runtime(self.bundle, self.device, settings, warmup_batch=int(config.get("batchSize", 1)))
+        settings = config.get("handler", {})
         self.default_k = int(settings.get("default_k", 4))
         self.max_k = min(int(settings.get("max_k", 100)), len(self.bundle.items))
         model = context.manifest.get("model", {})
         self.model_name, self.version = model.get("modelName"), model.get("modelVersion")
         self.categories = np.array(self.bundle.categories)
         self.initialized = True
-        log.info("loaded %s v%s: %d items, %s on %s", self.model_name, self.version, len(self.bundle.items),
-                 self.bundle.manifest["index_factory"], self.device)
+        log.info("loaded %s v%s: %d items, %s on %s, runtime %s (warm-up %.1f s)", self.model_name, self.version,
+                 len(self.bundle.items), self.bundle.manifest["index_factory"], self.device,
+                 self.runtime.settings.to_dict(), self.runtime.warmup_seconds)
+
+    def _metrics(self):
+        return getattr(self.context, "metrics", None)
 
     def preprocess(self, data):
         """(queries, errors, batch): one entry per request; `batch` stacks the tensors of the valid ones."""
-        queries, errors = [], []
-        for idx, row in enumerate(data):
-            try:
-                headers = self.context.get_all_request_header(idx) if self.context else {}
-                queries.append(parse_query(row, headers, self.default_k, self.max_k))
-                errors.append(None)
-            except InputError as error:
-                queries.append(None)
-                errors.append(error)
-        tensors = [self.transform(q.image) for q in queries if q is not None]
-        batch = torch.stack(tensors).to(self.device) if tensors else None
+        with timed(self._metrics(), "Preprocess"):
+            headers = [self.context.get_all_request_header(i) if self.context else {} for i in range(len(data))]
+            queries, errors, batch = self.runtime.prepare(data, headers, self.default_k, self.max_k)
+        record_batch(self._metrics(), len(data), errors)
         return queries, errors, batch
 
-    @torch.inference_mode()
     def inference(self, prepared):
         queries, errors, batch = prepared
         if batch is None:
             return queries, errors, None, None, None
-        embeddings, logits = self.model.embed_and_classify(batch)
-        embeddings = embeddings.float().cpu().numpy()
-        if self.bundle.normalize:
-            embeddings = l2_normalize(embeddings)
-        probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        with timed(self._metrics(), "Inference"):
+            embeddings, probabilities = self.runtime.embed(batch)
         k = max((q.k for q in queries if q is not None and q.output == "similar"), default=0)
-        found = search(self.bundle.index, embeddings, k) if k else None
+        with timed(self._metrics(), "Search"):
+            found = self.runtime.search(embeddings, k) if k else None
         return queries, errors, embeddings, probabilities, found
 
     def postprocess(self, inferred):

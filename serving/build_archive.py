@@ -1,8 +1,12 @@
 """Pack a search bundle, the handler and the visual_search package into model_store/<name>.mar.
 
     python -m serving.build_archive --bundle runs/x/bundle --name visual-search --version 1.0
+    python -m serving.build_archive ... --precision bf16 --channels-last --compile --gpu-decode   # GPU fast path
+
+The runtime options rewrite the "runtime" section of the archived manifest.json; the bundle is left as it is.
 """
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from visual_search.bundle import BUNDLE_FILES, load_bundle
+from visual_search.bundle import BUNDLE_FILES, MANIFEST_FILE, load_bundle
+from visual_search.runtime import PRECISIONS, RuntimeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "handler" / "visual_search_handler.py"
@@ -37,7 +42,8 @@ def get_args(argv=None):
     p.add_argument("--name", default="visual-search", help="model name in TorchServe's URLs")
     p.add_argument("--version", default="1.0")
     p.add_argument("--model-store", default=str(ROOT / "model_store"))
-    p.add_argument("--out-name", default=None, help="archive file name without .mar (default: --name)")
+    p.add_argument("--out-name", default=None, help="archive file name without .mar (default: --name); the model "
+                                                    "name inside the archive stays --name")
     p.add_argument("--batch-size", type=int, default=8, help="TorchServe's dynamic batch size")
     p.add_argument("--max-batch-delay", type=int, default=50, help="ms to wait for a batch to fill")
     p.add_argument("--workers", type=int, default=1)
@@ -46,7 +52,28 @@ def get_args(argv=None):
     p.add_argument("--startup-timeout", type=int, default=300, help="s")
     p.add_argument("--default-k", type=int, default=4)
     p.add_argument("--max-k", type=int, default=100)
+    runtime = p.add_argument_group("runtime", "the fast path; unset options keep the bundle's runtime section")
+    runtime.add_argument("--precision", choices=list(PRECISIONS), default=None, help="bf16 applies on CUDA only")
+    flag = argparse.BooleanOptionalAction
+    runtime.add_argument("--channels-last", action=flag, default=None)
+    runtime.add_argument("--compile", action=flag, default=None, help="torch.compile at load time")
+    runtime.add_argument("--gpu-decode", action=flag, default=None, help="decode JPEG batches on CUDA")
     return p.parse_args(argv)
+
+
+def set_runtime(manifest_path, args):
+    """Writes the runtime options that were given into the manifest at `manifest_path`; returns the section."""
+    manifest = json.loads(manifest_path.read_text())
+    given = {k: getattr(args, k) for k in RuntimeSettings.__dataclass_fields__ if getattr(args, k) is not None}
+    manifest["runtime"] = RuntimeSettings.from_dict({**manifest.get("runtime", {}), **given}).to_dict()
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest["runtime"]
+
+
+def archiver_command():
+    """torch-model-archiver beside this interpreter (a venv not on PATH), else the one on PATH."""
+    beside = Path(sys.executable).parent / "torch-model-archiver"
+    return str(beside) if beside.is_file() else "torch-model-archiver"
 
 
 def build_archive(args):
@@ -59,19 +86,22 @@ def build_archive(args):
         staging.mkdir()
         for name in BUNDLE_FILES:
             shutil.copy2(bundle_dir / name, staging / name)
+        runtime = set_runtime(staging / MANIFEST_FILE, args)
         shutil.copytree(PACKAGE, staging / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         config = Path(tmp) / "model-config.yaml"
         config.write_text(yaml.safe_dump(model_config(args), sort_keys=False))
         command = [
-            "torch-model-archiver", "--model-name", args.out_name or args.name, "--version", args.version,
+            archiver_command(), "--model-name", args.name, "--version", args.version,
             "--handler", str(HANDLER), "--extra-files", str(staging), "--config-file", str(config),
-            "--export-path", str(store), "--force",
+            "--export-path", tmp, "--force",
         ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             sys.exit(f"torch-model-archiver failed ({result.returncode}):\n{result.stderr or result.stdout}")
-    archive = store / f"{args.out_name or args.name}.mar"
-    print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB), version {args.version}")
+        # The archiver names the file after the model; --out-name renames only the file (e.g. name-v2.mar).
+        archive = store / f"{args.out_name or args.name}.mar"
+        shutil.move(Path(tmp) / f"{args.name}.mar", archive)
+    print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB), version {args.version}, runtime {runtime}")
     return archive
 
 

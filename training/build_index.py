@@ -46,24 +46,37 @@ def catalogue_items(args):
     return read_csv(path)
 
 
+def embed_catalogue(model, data_dir, items, categories, preprocess, normalize, device="auto", batch_size=64,
+                    workers=0):
+    """float32 [N, 2048] embeddings of `items`, unit-length if `normalize`: the vectors the index holds."""
+    embeddings, _ = embed_items(model, data_dir, items, categories, preprocess, pick_device(device), batch_size,
+                                workers, desc="embedding catalogue")
+    return l2_normalize(embeddings) if normalize else embeddings.astype(np.float32)
+
+
+def write_indexed_bundle(out_dir, *, model, categories, preprocess, items, embeddings, factory, normalize, notes,
+                         runtime=None):
+    """Builds the index over `embeddings` and writes the bundle, with embeddings.npy beside it for later updates."""
+    out_dir = Path(out_dir)
+    manifest = write_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess,
+                            index=build_index(embeddings, factory), items=items, index_factory=factory,
+                            normalize=normalize, runtime=runtime, notes=notes)
+    np.save(out_dir / EMBEDDINGS_FILE, np.asarray(embeddings, dtype=np.float32))
+    print(f"indexed {manifest['num_items']} items ({factory}, {'unit-length' if normalize else 'raw'} "
+          f"embeddings) in {out_dir}")
+    return manifest
+
+
 def main(argv=None):
     args = get_args(argv)
     model, categories, preprocess = model_from_checkpoint(load_checkpoint(args.checkpoint))
     items = catalogue_items(args)
-    embeddings, _ = embed_items(model, args.data_dir, items, categories, preprocess, pick_device(args.device),
-                                args.batch_size, args.workers, desc="embedding catalogue")
     normalize = not args.no_normalize
-    if normalize:
-        embeddings = l2_normalize(embeddings)
-    index = build_index(embeddings, args.factory)
-    out_dir = Path(args.out_dir)
-    manifest = write_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess, index=index,
-                            items=items, index_factory=args.factory, normalize=normalize,
-                            notes=f"built from {args.checkpoint}")
-    np.save(out_dir / EMBEDDINGS_FILE, embeddings.astype(np.float32))
-    print(f"indexed {manifest['num_items']} items ({args.factory}, {'unit-length' if normalize else 'raw'} "
-          f"embeddings) in {out_dir}")
-    return manifest
+    embeddings = embed_catalogue(model, args.data_dir, items, categories, preprocess, normalize, args.device,
+                                 args.batch_size, args.workers)
+    return write_indexed_bundle(args.out_dir, model=model, categories=categories, preprocess=preprocess, items=items,
+                                embeddings=embeddings, factory=args.factory, normalize=normalize,
+                                notes=f"built from {args.checkpoint}")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,16 @@ MAX_PIXELS = 40_000_000  # about 6300x6300; larger uploads are refused, not deco
 
 
 class InputError(ValueError):
-    """A request we cannot answer; `reason` goes back to the client with HTTP `status`."""
+    """A request we cannot answer; `reason` goes back to the client with HTTP `status`.
 
-    def __init__(self, reason, status=400):
+    `label` is a short stable name for the kind of rejection (the metrics' Reason dimension).
+    """
+
+    def __init__(self, reason, status=400, label="bad_request"):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.label = label
 
 
 def to_rgb(image):
@@ -35,21 +39,22 @@ def to_rgb(image):
 def decode_image(data):
     """Bytes of any common format (JPEG, PNG, WebP, GIF, BMP, TIFF) to an RGB PIL image."""
     if data is None or len(data) == 0:
-        raise InputError("empty body: send the image bytes")
+        raise InputError("empty body: send the image bytes", label="empty")
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > MAX_PIXELS:
-            raise InputError(f"image is {width}x{height}, over the {MAX_PIXELS} pixel limit", status=413)
+            raise InputError(f"image is {width}x{height}, over the {MAX_PIXELS} pixel limit", status=413,
+                             label="too_large")
         image.load()  # reads the whole file: truncation shows up here
     except InputError:
         raise
     except UnidentifiedImageError:
-        raise InputError("not an image: the body is in no format we can decode") from None
+        raise InputError("not an image: the body is in no format we can decode", label="not_image") from None
     except Image.DecompressionBombError as error:
-        raise InputError(f"image too large: {error}", status=413) from None
+        raise InputError(f"image too large: {error}", status=413, label="too_large") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise InputError(f"corrupt or truncated image: {error}") from None
+        raise InputError(f"corrupt or truncated image: {error}", label="truncated") from None
     return to_rgb(image)
 
 

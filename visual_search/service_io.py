@@ -18,7 +18,7 @@ HEADERS = {"x-top-k": "k", "x-output": "output"}
 
 @dataclass
 class Query:
-    image: object  # RGB PIL image
+    image: object  # RGB PIL image, or JPEG bytes left for a batch decoder (visual_search.runtime)
     k: int
     output: str
 
@@ -32,26 +32,27 @@ def _image_bytes(row):
     if isinstance(body, dict):  # application/json
         encoded = body.get("image")
         if not isinstance(encoded, str):
-            raise InputError('JSON body needs "image": the image bytes in base64')
+            raise InputError('JSON body needs "image": the image bytes in base64', label="bad_body")
         try:
             return base64.b64decode(encoded, validate=True), body
         except (binascii.Error, ValueError):
-            raise InputError('"image" is not valid base64') from None
+            raise InputError('"image" is not valid base64', label="bad_body") from None
     if isinstance(body, (bytes, bytearray)):
         return bytes(body), {}
     if isinstance(body, str):
-        raise InputError("text body: send the image bytes, a multipart file, or JSON {\"image\": base64}", 415)
+        raise InputError("text body: send the image bytes, a multipart file, or JSON {\"image\": base64}", 415,
+                         label="bad_body")
     files = [v for key, v in row.items() if key not in PARAMETERS and isinstance(v, (bytes, bytearray))]
     if len(files) > 1:
-        raise InputError(f"{len(files)} files in one request: send one image per request")
+        raise InputError(f"{len(files)} files in one request: send one image per request", label="bad_body")
     if files:
         return bytes(files[0]), {}
     if body is None and not files:
-        raise InputError("empty request: send the image bytes as the body or as a multipart file")
-    raise InputError(f"unsupported body of type {type(body).__name__}")
+        raise InputError("empty request: send the image bytes as the body or as a multipart file", label="empty")
+    raise InputError(f"unsupported body of type {type(body).__name__}", label="bad_body")
 
 
-def parse_query(row, headers, default_k, max_k):
+def parse_query(row, headers, default_k, max_k, decode=decode_image):
     """A request row (and its HTTP headers) to a Query; raises InputError with the reason for the client."""
     data, json_params = _image_bytes(row)
     params = {HEADERS[name.lower()]: value for name, value in headers.items() if name.lower() in HEADERS}
@@ -59,14 +60,14 @@ def parse_query(row, headers, default_k, max_k):
     params.update({k: json_params[k] for k in PARAMETERS if k in json_params})
     output = str(params.get("output", "similar")).lower()
     if output not in OUTPUTS:
-        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, not {output!r}")
+        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, not {output!r}", label="bad_parameter")
     try:
         k = int(params.get("k", default_k))
     except (TypeError, ValueError):
-        raise InputError(f"k must be an integer, not {params.get('k')!r}") from None
+        raise InputError(f"k must be an integer, not {params.get('k')!r}", label="bad_parameter") from None
     if not 1 <= k <= max_k:
-        raise InputError(f"k must be between 1 and {max_k}, not {k}")
-    return Query(image=decode_image(data), k=k, output=output)
+        raise InputError(f"k must be between 1 and {max_k}, not {k}", label="bad_parameter")
+    return Query(image=decode(data), k=k, output=output)
 
 
 def error_answer(error):

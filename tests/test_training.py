@@ -1,0 +1,48 @@
+"""Training: checkpoints hold what resuming and serving need, and training resumes from one."""
+import json
+
+import pytest
+import torch
+
+from tests.fixtures import IMAGE_SIZE
+from training.train import main as train
+from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
+
+
+def test_checkpoint_holds_model_optimizer_epoch_categories_and_preprocessing(trained_run):
+    checkpoint = load_checkpoint(trained_run / "last.pt")
+    assert checkpoint["epoch"] == 1  # two epochs, counted from 0
+    assert checkpoint["categories"] == ["bags", "phones", "shoes"]
+    assert checkpoint["preprocess"]["image_size"] == IMAGE_SIZE
+    assert checkpoint["optimizer"]["state"], "optimizer momentum buffers are saved"
+    assert "val_accuracy" in checkpoint["metrics"]
+    model, categories, settings = model_from_checkpoint(checkpoint)
+    with torch.no_grad():
+        embeddings, logits = model.embed_and_classify(torch.zeros(2, 3, settings.image_size, settings.image_size))
+    assert embeddings.shape == (2, 2048) and logits.shape == (2, 3)
+    assert (trained_run / "best.pt").is_file()
+    assert (trained_run / "train.csv").is_file() and (trained_run / "val.csv").is_file()
+    assert list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
+    history = json.loads((trained_run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_resume_continues_from_the_saved_epoch(trained_run, photo_dir, tmp_path):
+    run = tmp_path / "resumed"
+    run.mkdir()
+    for name in ("train.csv", "val.csv"):
+        (run / name).write_bytes((trained_run / name).read_bytes())
+    history = train(["--data-dir", str(photo_dir), "--out-dir", str(run), "--resume", str(trained_run / "last.pt"),
+                     "--epochs", "3", "--batch-size", "6", "--workers", "0"])
+    assert [h["epoch"] for h in history] == [3]
+    resumed = load_checkpoint(run / "last.pt")
+    assert resumed["epoch"] == 2
+    assert resumed["preprocess"]["image_size"] == IMAGE_SIZE
+    assert [it for it in (run / "train.csv").read_text().splitlines()] == \
+        (trained_run / "train.csv").read_text().splitlines()
+
+
+def test_missing_weights_file_is_a_clear_error(photo_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        train(["--data-dir", str(photo_dir), "--out-dir", str(tmp_path), "--weights", str(tmp_path / "nope.pth"),
+               "--epochs", "1", "--image-size", "32", "--workers", "0"])

@@ -1,0 +1,163 @@
+"""Catalogue updates without retraining, each packed as the next version of the same model.
+
+    python -m training.update_catalogue --name visual-search --bundle runs/x/bundle        # record it as v1
+    python -m training.update_catalogue --name visual-search --add new_photos/             # old + new items
+    python -m training.update_catalogue --name visual-search --remove sku-17 sku-18
+    python -m training.update_catalogue --name visual-search --checkpoint runs/y/best.pt --data-dir data/photos
+
+The source is the bundle of the latest recorded version (or --bundle). --add embeds the photos of a folder laid
+out like the catalogue (<category>/<image>) with the source's weights; the old items keep their vectors from
+embeddings.npy beside the source bundle. --remove takes items out by id. --checkpoint re-embeds every item with
+retrained weights (old items from --data-dir). The new bundle is packed as <model store>/<name>-v<N>.mar with
+version N.0, and recorded in <model store>/<name>.versions.json: the change, item count, weights checksum, build
+time. Options this tool does not know go to serving.build_archive (e.g. --max-batch-delay 20), and are kept for
+the next versions. Register the archive with `python -m serving.manage register <name>-v<N>.mar`.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from serving.build_archive import main as build_archive
+from serving.management import write_json
+from serving.torchserve import ROOT
+from training.build_index import EMBEDDINGS_FILE, embed_catalogue, write_indexed_bundle
+from visual_search.bundle import BundleError, load_bundle
+from visual_search.catalogue import scan_folder
+from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--name", default="visual-search", help="model name (unchanged across versions)")
+    p.add_argument("--model-store", default=str(ROOT / "model_store"))
+    p.add_argument("--bundle", default=None, help="source bundle (default: the latest recorded version's)")
+    p.add_argument("--add", default=None, help="folder of new photos, <category>/<image file>")
+    p.add_argument("--remove", nargs="+", default=[], metavar="ID", help="ids of items to take out")
+    p.add_argument("--checkpoint", default=None, help="retrained checkpoint: re-embed every item with it")
+    p.add_argument("--data-dir", default=None, help="root of the existing items' images (for --checkpoint, or "
+                                                    "when the source bundle has no embeddings.npy)")
+    p.add_argument("--out-dir", default=None, help="new bundle folder (default: <name>-v<N> beside the source)")
+    p.add_argument("--note", default="", help="free text added to the recorded change")
+    p.add_argument("--embed-batch-size", type=int, default=64)
+    p.add_argument("--embed-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    args, archive_options = p.parse_known_args(argv)
+    args.archive_options = archive_options
+    return args
+
+
+def record_path(args):
+    return Path(args.model_store) / f"{args.name}.versions.json"
+
+
+def read_record(args):
+    path = record_path(args)
+    if not path.is_file():
+        return {"model": args.name, "versions": []}
+    record = json.loads(path.read_text())
+    if record.get("model") != args.name:
+        raise ValueError(f"{path} records model {record.get('model')!r}, not {args.name!r}")
+    return record
+
+
+def pack(args, record, bundle_dir, manifest, change, archive_options):
+    """Packs `bundle_dir` as the next version and appends it to the record; returns the record entry."""
+    number = 1 + max((int(float(v["version"])) for v in record["versions"]), default=0)
+    version, archive = f"{number}.0", f"{args.name}-v{number}"
+    build_archive(["--bundle", str(bundle_dir), "--name", args.name, "--version", version, "--out-name", archive,
+                   "--model-store", args.model_store, *archive_options])
+    entry = {
+        "version": version, "archive": f"{archive}.mar", "change": change, "items": manifest["num_items"],
+        "weights_sha256": manifest["weights_sha256"], "index_sha256": manifest["index_sha256"],
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "bundle": str(Path(bundle_dir).resolve()),
+        "archive_options": list(archive_options),
+    }
+    record["versions"].append(entry)
+    write_json(record_path(args), record)
+    print(f"version {version}: {change} ({entry['items']} items) -> {Path(args.model_store) / entry['archive']}")
+    return entry
+
+
+def old_embeddings(args, source_dir, source, model, categories, preprocess):
+    """The vectors of the source's items: embeddings.npy when it fits, else re-embedded from --data-dir."""
+    path = Path(source_dir) / EMBEDDINGS_FILE
+    if not args.checkpoint and path.is_file():
+        vectors = np.load(path)
+        if vectors.shape == (len(source.items), source.index.d):
+            return vectors
+    if not args.data_dir:
+        raise ValueError(f"{'--checkpoint needs' if args.checkpoint else f'{path} is missing or stale; pass'} "
+                         f"--data-dir, the folder the catalogue's image paths are relative to")
+    return embed_catalogue(model, args.data_dir, source.items, categories, preprocess, source.normalize,
+                           args.device, args.embed_batch_size, args.embed_workers)
+
+
+def update(args):
+    record = read_record(args)
+    latest = record["versions"][-1] if record["versions"] else None
+    source_dir = Path(args.bundle or (latest and latest["bundle"]) or "")
+    if not args.bundle and not latest:
+        raise ValueError(f"no versions recorded in {record_path(args)}: pass --bundle, the current bundle")
+    source = load_bundle(source_dir)
+    archive_options = args.archive_options or (latest["archive_options"] if latest else [])
+    if not latest:  # the source becomes version 1, so that there is something to roll back to
+        latest = pack(args, record, source_dir, source.manifest, f"initial catalogue from {source_dir}",
+                      archive_options)
+    changing = args.add or args.remove or args.checkpoint
+    if not changing:
+        if args.bundle and len(record["versions"]) > 1:
+            raise ValueError("nothing to change: pass --add, --remove or --checkpoint")
+        return latest
+
+    model, categories, preprocess = source.model, source.categories, source.preprocess
+    if args.checkpoint:
+        model, categories, preprocess = model_from_checkpoint(load_checkpoint(args.checkpoint))
+    items = list(source.items)
+    vectors = old_embeddings(args, source_dir, source, model, categories, preprocess)
+    changes = [f"retrained weights from {args.checkpoint}"] if args.checkpoint else []
+
+    if args.remove:
+        unknown = sorted(set(args.remove) - {it.id for it in items})
+        if unknown:
+            raise ValueError(f"not in the catalogue of {source_dir}: {', '.join(unknown)}")
+        keep = [i for i, it in enumerate(items) if it.id not in set(args.remove)]
+        if not keep:
+            raise ValueError("removing every item would leave an empty catalogue")
+        items, vectors = [items[i] for i in keep], vectors[keep]
+        changes.append(f"removed {len(args.remove)} item(s): {', '.join(sorted(args.remove))}")
+    if args.add:
+        new_items = scan_folder(args.add)
+        clashes = sorted({it.id for it in new_items} & {it.id for it in items})
+        if clashes:
+            raise ValueError(f"ids already in the catalogue: {', '.join(clashes)} (remove them first to replace)")
+        new_vectors = embed_catalogue(model, args.add, new_items, categories, preprocess, source.normalize,
+                                      args.device, args.embed_batch_size, args.embed_workers)
+        items, vectors = items + new_items, np.concatenate([vectors, new_vectors])
+        changes.append(f"added {len(new_items)} item(s) from {args.add}")
+    if args.note:
+        changes.append(args.note)
+
+    number = 1 + max(int(float(v["version"])) for v in record["versions"])
+    out_dir = Path(args.out_dir) if args.out_dir else source_dir.parent / f"{args.name}-v{number}"
+    manifest = write_indexed_bundle(out_dir, model=model, categories=categories, preprocess=preprocess, items=items,
+                                    embeddings=vectors, factory=source.manifest["index_factory"],
+                                    normalize=source.normalize, runtime=source.manifest.get("runtime"),
+                                    notes=f"version {number}.0 from {latest['version']}: {'; '.join(changes)}")
+    return pack(args, record, out_dir, manifest, "; ".join(changes), archive_options)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        return update(args)
+    except (BundleError, ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
