@@ -3,6 +3,7 @@ import base64
 import concurrent.futures
 
 import requests
+from PIL import Image
 
 from tests.conftest import MODEL_NAME
 from tests.fixtures import CATEGORIES, encode, product_photo
@@ -80,12 +81,15 @@ def test_bad_inputs_get_4xx_with_a_reason(torchserve):
         "empty body": (b"", 400),
         "truncated jpeg": (good[: len(good) // 2], 400),
         "k out of range": (good, 400),
+        "absurdly large": (encode(Image.new("L", (9000, 7000)), "PNG"), 413),
     }
     for name, (body, status) in cases.items():
         headers = {"X-Top-K": "0"} if name == "k out of range" else {}
         response = predict(torchserve, body, headers=headers)
         assert response.status_code == status, (name, response.status_code, response.text)
         assert response.json()["error"], name
+    # TorchServe itself refuses bodies over max_request_size (6.5 MB) before the handler sees them.
+    assert predict(torchserve, bytes(7_000_000)).status_code == 413
     assert predict(torchserve, good).status_code == 200  # the worker is still serving
 
 
