@@ -11,24 +11,12 @@ from pathlib import Path
 from locust import FastHttpUser, constant, constant_throughput, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from loadtests.mix import parse_mix  # noqa: E402
 from loadtests.photos import load_photos  # noqa: E402
 from serving.torchserve import TorchServe  # noqa: E402
 
 PHOTOS, AUTH, MIX = [], {}, {}
-EXPECTED = {"similar": b'"neighbours"', "embedding": b'"embedding"'}
-
-
-def parse_mix(text):
-    """"similar=0.8,embedding=0.2" -> {"similar": 0.8, "embedding": 0.2}."""
-    mix = {}
-    for part in filter(None, text.split(",")):
-        name, _, weight = part.partition("=")
-        if name.strip() not in EXPECTED:
-            raise ValueError(f"--mix names {name!r}; use {' and '.join(EXPECTED)}")
-        mix[name.strip()] = float(weight or 1)
-    if not mix or sum(mix.values()) <= 0:
-        raise ValueError(f"--mix {text!r} gives no weight to any answer")
-    return mix
+EXPECTED = {"similar": b'"neighbours"', "embedding": b'"embedding"'}  # a field each answer must hold
 
 
 @events.init_command_line_parser.add_listener

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from serving.torchserve import tool
 from visual_search.bundle import BUNDLE_FILES, MANIFEST_FILE, load_bundle
 from visual_search.runtime import PRECISIONS, RuntimeSettings
 
@@ -70,12 +71,6 @@ def set_runtime(manifest_path, args):
     return manifest["runtime"]
 
 
-def archiver_command():
-    """torch-model-archiver beside this interpreter (a venv not on PATH), else the one on PATH."""
-    beside = Path(sys.executable).parent / "torch-model-archiver"
-    return str(beside) if beside.is_file() else "torch-model-archiver"
-
-
 def build_archive(args):
     bundle_dir = Path(args.bundle)
     load_bundle(bundle_dir)  # refuse to pack an inconsistent bundle
@@ -91,7 +86,7 @@ def build_archive(args):
         config = Path(tmp) / "model-config.yaml"
         config.write_text(yaml.safe_dump(model_config(args), sort_keys=False))
         command = [
-            archiver_command(), "--model-name", args.name, "--version", args.version,
+            tool("torch-model-archiver"), "--model-name", args.name, "--version", args.version,
             "--handler", str(HANDLER), "--extra-files", str(staging), "--config-file", str(config),
             "--export-path", tmp, "--force",
         ]

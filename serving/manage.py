@@ -4,7 +4,7 @@
     python -m serving.manage register visual-search-v2.mar --set-default   # a .mar in the model store
     python -m serving.manage set-default visual-search 2.0
     python -m serving.manage rollback visual-search                        # back to the previous default
-    python -m serving.manage scale visual-search 2.0 --workers 2
+    python -m serving.manage scale visual-search 2.0 --workers 2           # fewer: only off the default
     python -m serving.manage unregister visual-search 2.0
 
 The management key comes from key_file.json in --state-dir (the folder `python -m serving.serve start` uses) or
@@ -42,9 +42,13 @@ def get_args(argv=None):
     c.add_argument("version", nargs="?", help="default: the default version")
     c.add_argument("--workers", type=int, required=True, help="minimum workers")
     c.add_argument("--max-workers", type=int, default=None, help="default: --workers")
+    c.add_argument("--force", action="store_true", help="remove workers of the default version even though the "
+                                                        "requests they are running fail (TorchServe 0.12)")
     c = commands.add_parser("unregister", help="unregister a version that is not the default")
     c.add_argument("name")
     c.add_argument("version")
+    c.add_argument("--drain-seconds", type=float, default=2.0,
+                   help="how long its queue must stay empty first (requests routed just before a switch)")
     return p.parse_args(argv)
 
 
@@ -84,11 +88,10 @@ def run(args):
         print(f"{args.name}: rolled back, default {current} -> {target}")
     elif args.command == "scale":
         version = args.version or client.default_version(args.name)
-        client.describe(args.name, version)
-        client.scale(args.name, version, args.workers, args.max_workers)
+        client.scale(args.name, version, args.workers, args.max_workers, args.force)
         print(f"{args.name} {version}: {client.ready_workers(args.name, version)} READY worker(s)")
     elif args.command == "unregister":
-        client.unregister(args.name, args.version)
+        client.unregister(args.name, args.version, args.drain_seconds)
         print(f"unregistered {args.name} {args.version}")
 
 

@@ -147,12 +147,21 @@ class ManagementClient:
                                       f"see TorchServe's logs/model_log.log")
             time.sleep(0.5)
 
-    def wait_drained(self, name, version, timeout=60):
-        """Waits until no request is queued for this version (requests sent just before a switch)."""
-        deadline = time.time() + timeout
-        while self.describe(name, version).get("jobQueueStatus", {}).get("pendingRequests", 0) and \
-                time.time() < deadline:
+    def wait_drained(self, name, version, quiet=2.0, timeout=60):
+        """Waits until this version's queue has stayed empty for `quiet` seconds. TorchServe 0.12 counts queued
+        requests only, and unregistering drops the batch a worker is running, so the quiet spell covers the
+        requests routed to this version just before the default moved away from it."""
+        deadline, empty_since = time.time() + timeout, None
+        while time.time() < deadline:
+            if self.describe(name, version).get("jobQueueStatus", {}).get("pendingRequests", 0):
+                empty_since = None
+            elif empty_since is None:
+                empty_since = time.time()
+            elif time.time() - empty_since >= quiet:
+                return
             time.sleep(0.2)
+        raise ManagementError(f"{name} {version} still has queued requests after {timeout}s: is a client "
+                              f"calling /predictions/{name}/{version} directly?")
 
     # -- changes ---------------------------------------------------------------------------------------------------
 
@@ -205,17 +214,33 @@ class ManagementClient:
         self._save_history(name, stack)  # the rolled-back default leaves the history
         return current, target
 
-    def scale(self, name, version, min_workers, max_workers=None):
+    def scale(self, name, version, min_workers, max_workers=None, force=False, quiet=2.0):
+        """Sets the workers of one version. TorchServe 0.12 fails the batch that a stopped worker is running
+        ("Worker died."), so fewer workers for the default version, which takes the traffic, needs `force`;
+        a version that is not the default is drained first, as for unregister."""
         max_workers = max(max_workers or min_workers, min_workers)
-        path = f"/models/{name}" + (f"/{version}" if version else "")
-        return self.call("PUT", path, {"min_worker": min_workers, "max_worker": max_workers, "synchronous": "true"})
+        current = len(self.describe(name, version).get("workers", []))
+        if min_workers < current:
+            if version == self.default_version(name):
+                if min_workers < 1:
+                    raise ManagementError(f"{name} {version} is the default version: it needs at least one worker")
+                if not force:
+                    raise ManagementError(
+                        f"{name} {version} is the default version: removing a worker under load fails the requests "
+                        f"it is running (TorchServe 0.12). Move the default away first, or pass --force in a quiet "
+                        f"period")
+            else:
+                self.wait_drained(name, version, quiet)
+        return self.call("PUT", f"/models/{name}/{version}",
+                         {"min_worker": min_workers, "max_worker": max_workers, "synchronous": "true"})
 
-    def unregister(self, name, version, drain_timeout=60):
-        """Unregisters a version that is not the default, after the requests queued for it are done."""
-        if version == self.default_version(name) and len(self.versions(name)) > 1:
+    def unregister(self, name, version, quiet=2.0):
+        """Unregisters a version that is not the default, once the requests sent to it are done."""
+        self.describe(name, version)  # a clear 404 for an unknown version
+        if version == self.default_version(name):
             raise ManagementError(f"{name} {version} is the default version: set another default (set-default or "
                                   f"rollback) before unregistering it")
-        self.wait_drained(name, version, drain_timeout)
+        self.wait_drained(name, version, quiet)
         answer = self.call("DELETE", f"/models/{name}/{version}")
         history = self._history()
         if name in history:

@@ -1,19 +1,19 @@
 """Serve the archives already built in model_store/ with TorchServe. Builds nothing.
 
-    python -m serving.serve start            # every .mar in model_store/, waits until ready
-    python -m serving.serve start --models visual-search.mar
+    python -m serving.serve start            # one archive per model in model_store/, waits until ready
+    python -m serving.serve start --models visual-search.mar     # or visual-search=visual-search-v1.mar
     python -m serving.serve status
     python -m serving.serve stop
 
 State (pid file, logs, key_file.json with the API tokens) lives in --state-dir (default .torchserve/).
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from serving.management import DEFAULT_STATE, HISTORY_FILE, ManagementError, archive_identity
 from serving.torchserve import ROOT, DEFAULT_CONFIG, TorchServe, TorchServeError
-
-DEFAULT_STATE = ROOT / ".torchserve"
 
 
 def get_args(argv=None):
@@ -27,13 +27,38 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def version_key(version):
+    return tuple(int(part) if part.isdigit() else -1 for part in version.split("."))
+
+
+def startup_models(model_store, state_dir, given=None):
+    """name=archive pairs for `torchserve --models`, so that versioned archives (name-v2.mar) start under their
+    model's name. Without `given`: one archive per model, the version that serving.manage last made the default
+    (default_history.json in the state folder), else the highest version in the store."""
+    store = Path(model_store)
+    if given is not None:
+        return [m if "=" in m or not (store / m).is_file() else f"{archive_identity(store / m)[0]}={m}"
+                for m in given]
+    archives = {}
+    for path in sorted(store.glob("*.mar")):
+        name, version = archive_identity(path)
+        archives.setdefault(name, {}).setdefault(version, path.name)
+    history_file = Path(state_dir) / HISTORY_FILE
+    history = json.loads(history_file.read_text()) if history_file.is_file() else {}
+    models = []
+    for name, by_version in sorted(archives.items()):
+        recorded = [v for v in history.get(name, []) if v in by_version]
+        version = recorded[-1] if recorded else max(by_version, key=version_key)
+        models.append(f"{name}={by_version[version]}")
+    return models
+
+
 def main(argv=None):
     args = get_args(argv)
     server = TorchServe(args.state_dir, model_store=args.model_store, config=args.config)
     try:
         if args.action == "start":
-            models = args.models if args.models is not None else sorted(
-                p.name for p in Path(args.model_store).glob("*.mar"))
+            models = startup_models(args.model_store, args.state_dir, args.models)
             if not models:
                 sys.exit(f"no archives in {args.model_store}: build one first (make demo)")
             server.start(models, timeout=args.timeout)
@@ -47,7 +72,7 @@ def main(argv=None):
             pid = server.pid()
             print(f"TorchServe running, pid {pid}, state in {server.state_dir}" if pid else "TorchServe not running")
             sys.exit(0 if pid else 3)
-    except TorchServeError as error:
+    except (TorchServeError, ManagementError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,12 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tool(name):
+    """A console script beside this interpreter (a venv that is not on PATH), else the one on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else name
 
 
 def java_home():
@@ -67,6 +74,9 @@ class TorchServe:
         props = read_properties(config)
         for api, port in (ports or {}).items():
             props[ADDRESS_KEYS[api]] = f"http://127.0.0.1:{port}"
+        if ports:  # side by side with other instances: their gRPC ports (7070, 7071 by default) may be taken
+            for key in ("grpc_inference_port", "grpc_management_port"):
+                props.setdefault(key, str(free_port()))
         props["model_store"] = str(self.model_store)
         props.update(extra_properties or {})
         self.properties = props
@@ -81,8 +91,10 @@ class TorchServe:
         return self.state_dir / "key_file.json"
 
     def _env(self):
-        env = dict(os.environ, TMPDIR=str(self.state_dir), LOG_LOCATION=str(self.state_dir / "logs"),
-                   METRICS_LOCATION=str(self.state_dir / "logs"), JAVA_HOME=java_home())
+        # TEMP sets java.io.tmpdir, where the worker sockets (.ts.sock.9000, ...) go: one folder per instance.
+        env = dict(os.environ, TMPDIR=str(self.state_dir), TEMP=str(self.state_dir),
+                   LOG_LOCATION=str(self.state_dir / "logs"), METRICS_LOCATION=str(self.state_dir / "logs"),
+                   JAVA_HOME=java_home())
         env["PATH"] = f"{env['JAVA_HOME']}/bin{os.pathsep}{env.get('PATH', '')}"
         return env
 
@@ -99,7 +111,7 @@ class TorchServe:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.key_file.unlink(missing_ok=True)
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in self.properties.items()))
-        command = ["torchserve", "--start", "--ncs", "--ts-config", str(self.config_path),
+        command = [tool("torchserve"), "--start", "--ncs", "--ts-config", str(self.config_path),
                    "--model-store", str(self.model_store)]
         if models:
             command += ["--models", *models]
@@ -113,7 +125,7 @@ class TorchServe:
     def stop(self):
         if not self.running():
             return
-        subprocess.run(["torchserve", "--stop"], cwd=self.state_dir, env=self._env(), capture_output=True)
+        subprocess.run([tool("torchserve"), "--stop"], cwd=self.state_dir, env=self._env(), capture_output=True)
         deadline = time.time() + 60
         while self.running() and time.time() < deadline:
             time.sleep(0.5)

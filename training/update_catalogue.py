@@ -65,9 +65,13 @@ def read_record(args):
     return record
 
 
+def next_number(record):
+    return 1 + max((int(float(v["version"])) for v in record["versions"]), default=0)
+
+
 def pack(args, record, bundle_dir, manifest, change, archive_options):
     """Packs `bundle_dir` as the next version and appends it to the record; returns the record entry."""
-    number = 1 + max((int(float(v["version"])) for v in record["versions"]), default=0)
+    number = next_number(record)
     version, archive = f"{number}.0", f"{args.name}-v{number}"
     build_archive(["--bundle", str(bundle_dir), "--name", args.name, "--version", version, "--out-name", archive,
                    "--model-store", args.model_store, *archive_options])
@@ -105,14 +109,14 @@ def update(args):
         raise ValueError(f"no versions recorded in {record_path(args)}: pass --bundle, the current bundle")
     source = load_bundle(source_dir)
     archive_options = args.archive_options or (latest["archive_options"] if latest else [])
-    if not latest:  # the source becomes version 1, so that there is something to roll back to
+    first = latest is None
+    if first:  # the source becomes version 1, so that there is something to roll back to
         latest = pack(args, record, source_dir, source.manifest, f"initial catalogue from {source_dir}",
                       archive_options)
-    changing = args.add or args.remove or args.checkpoint
-    if not changing:
-        if args.bundle and len(record["versions"]) > 1:
-            raise ValueError("nothing to change: pass --add, --remove or --checkpoint")
-        return latest
+    if not (args.add or args.remove or args.checkpoint):
+        if first:
+            return latest
+        raise ValueError("nothing to change: pass --add, --remove or --checkpoint")
 
     model, categories, preprocess = source.model, source.categories, source.preprocess
     if args.checkpoint:
@@ -142,7 +146,7 @@ def update(args):
     if args.note:
         changes.append(args.note)
 
-    number = 1 + max(int(float(v["version"])) for v in record["versions"])
+    number = next_number(record)
     out_dir = Path(args.out_dir) if args.out_dir else source_dir.parent / f"{args.name}-v{number}"
     manifest = write_indexed_bundle(out_dir, model=model, categories=categories, preprocess=preprocess, items=items,
                                     embeddings=vectors, factory=source.manifest["index_factory"],

@@ -1,6 +1,7 @@
 """The serving fast path, set by the archive's manifest "runtime" section and applied at load time.
 
-    precision      "fp32" or "bf16" (bf16 applies on CUDA only)
+    precision      "fp32", "fp16" or "bf16" (half precisions apply on CUDA only; fp16 keeps the top-4 of fp32,
+                   bf16 loses near-ties: see docs/performance.md)
     channels_last  NHWC weights and inputs
     compile        torch.compile, done at load time with warm-up batches, not on the first request
     gpu_decode     JPEG bodies decoded as one batch by torchvision.io.decode_jpeg on CUDA; other formats via PIL
@@ -23,8 +24,8 @@ from .preprocessing import eval_transform
 from .service_io import parse_query
 
 log = logging.getLogger(__name__)
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CUDA_ONLY = {"precision": "bf16 is used on CUDA only; fp32 on the CPU",
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CUDA_ONLY = {"precision": "fp16 and bf16 are used on CUDA only; fp32 on the CPU",
              "gpu_decode": "JPEG decoding on the GPU needs CUDA; PIL decodes on the CPU"}
 
 

@@ -1,0 +1,124 @@
+"""The handler in this process, as TorchServe's worker runs it: a synthetic bundle, the archive unpacked, a
+stand-in context, and the handler's own preprocess, inference and postprocess timed on batches of JPEG bodies.
+"""
+import importlib.util
+import statistics
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visual_search.bundle import write_bundle
+from visual_search.catalogue import Item
+from visual_search.images import decode_image
+from visual_search.index import build_index, l2_normalize
+from visual_search.model import ProductNet
+from visual_search.preprocessing import PreprocessSettings, eval_transform
+
+ROOT = Path(__file__).resolve().parent.parent
+HANDLER = ROOT / "handler" / "visual_search_handler.py"
+CATEGORIES = ("bags", "phones", "shoes")
+
+
+@torch.no_grad()
+def calibrated_model(preprocess, photos, seed=0):
+    """A seeded random ResNet-50 with batch-norm statistics taken from `photos`, so that activations stay in range
+    and embeddings of different photos differ (no trained weights are needed to measure speed or precision)."""
+    torch.manual_seed(seed)
+    model = ProductNet(len(CATEGORIES))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the calibration batches
+    model.train()
+    for chunk in photo_tensors(preprocess, photos).split(16):
+        model.backbone(chunk)
+    return model.eval()
+
+
+def photo_tensors(preprocess, photos):
+    transform = eval_transform(preprocess)
+    return torch.stack([transform(decode_image(photo)) for photo in photos])
+
+
+@torch.no_grad()
+def embed_photos(model, preprocess, photos):
+    return l2_normalize(torch.cat([model.backbone(c) for c in photo_tensors(preprocess, photos).split(16)]).numpy())
+
+
+def synthetic_bundle(out_dir, image_size, calibration, catalogue_photos=(), catalogue_size=10_000, seed=0):
+    """A bundle whose catalogue holds the embeddings of `catalogue_photos`, then random unit vectors up to
+    `catalogue_size` rows (an exact search costs the same for either)."""
+    preprocess = PreprocessSettings(image_size=image_size)
+    model = calibrated_model(preprocess, calibration, seed)
+    vectors = [embed_photos(model, preprocess, catalogue_photos)] if len(catalogue_photos) else []
+    extra = catalogue_size - len(catalogue_photos)
+    if extra > 0:
+        vectors.append(l2_normalize(np.random.default_rng(seed).standard_normal((extra, 2048), dtype=np.float32)))
+    embeddings = np.concatenate(vectors)
+    items = [Item(f"item-{i:07d}", CATEGORIES[i % 3], f"{CATEGORIES[i % 3]}/item-{i:07d}.jpg")
+             for i in range(len(embeddings))]
+    write_bundle(out_dir, model=model, categories=CATEGORIES, preprocess=preprocess, index=build_index(embeddings),
+                 items=items, index_factory="Flat", normalize=True, notes="synthetic benchmark bundle")
+    return Path(out_dir)
+
+
+class LocalContext:
+    """What the handler reads from TorchServe's context, for one model directory."""
+
+    def __init__(self, model_dir, batch_size, name="bench", device="cpu"):
+        self.system_properties = {"model_dir": str(model_dir),
+                                  "gpu_id": 0 if torch.device(device).type == "cuda" else None}
+        self.model_yaml_config = {"batchSize": batch_size, "handler": {"default_k": 4, "max_k": 100}}
+        self.manifest = {"model": {"modelName": name, "modelVersion": "local"}}
+        self.metrics, self.headers, self.statuses = None, [], {}
+
+    def get_all_request_header(self, idx):
+        return self.headers[idx] if idx < len(self.headers) else {}
+
+    def set_response_status(self, code, phrase, idx=0):
+        self.statuses[idx] = (code, phrase)
+
+
+def load_handler(archive, work_dir, batch_size, device="cpu"):
+    """The handler class loaded from the repository, initialised on the archive's files as TorchServe would."""
+    model_dir = Path(work_dir) / "model_dir"
+    with zipfile.ZipFile(archive) as mar:
+        mar.extractall(model_dir)
+    spec = importlib.util.spec_from_file_location("visual_search_handler", HANDLER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    handler, context = module.VisualSearchHandler(), LocalContext(model_dir, batch_size, device=device)
+    handler.initialize(context)
+    handler.context = context
+    return handler
+
+
+def handle(handler, bodies, outputs):
+    """One batch through the handler's own path: the answers, one per body."""
+    handler.context.headers = [{"X-Output": output} for output in outputs]
+    rows = [{"body": body} for body in bodies]
+    return handler.postprocess(handler.inference(handler.preprocess(rows)))
+
+
+def throughput(handler, photos, batch_size, outputs, seconds):
+    """Images/s of full batches of `batch_size` over about `seconds`, after one warm-up batch."""
+    pick = lambda n: ([photos[(n + i) % len(photos)] for i in range(batch_size)],  # noqa: E731
+                      [outputs[(n + i) % len(outputs)] for i in range(batch_size)])
+    handle(handler, *pick(0))
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done == 0:
+        handle(handler, *pick(done))
+        done += batch_size
+    return done / (time.perf_counter() - start)
+
+
+def single_latency_ms(handler, photos, repeats):
+    """Median ms of one request handled alone (batch of one)."""
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        handle(handler, [photos[i % len(photos)]], ["similar"])
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[1:])

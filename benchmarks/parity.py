@@ -1,0 +1,86 @@
+"""Does the fast path find the same neighbours as fp32? Top-k agreement over held-out queries.
+
+    python -m benchmarks.parity --device cuda --precision bf16 --channels-last --compile --gpu-decode
+    python -m benchmarks.parity --device cpu --precision bf16 --image-size 64 --queries 100    # quick, on a CPU
+
+A query agrees when the fast path's top-k ids are the same set as fp32's (the same full path: decode,
+preprocess, model, search). Without --bundle, a synthetic bundle is built: a seeded ResNet-50 with calibrated
+batch norm, whose catalogue holds the embeddings of --catalogue synthetic product photos; queries are other photos.
+"""
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.inprocess import synthetic_bundle
+from loadtests.photos import load_photos, product_jpeg
+from visual_search.bundle import load_bundle
+from visual_search.runtime import PRECISIONS, Runtime, RuntimeSettings
+
+
+def run_path(bundle_dir, settings, device, queries, k, batch_size=64):
+    """(embeddings [N, 2048], top-k positions [N, k]) of `queries` (image bytes) through a Runtime."""
+    runtime = Runtime(load_bundle(bundle_dir), device, settings, warmup_batch=min(batch_size, len(queries)))
+    embeddings = []
+    for start in range(0, len(queries), batch_size):
+        rows = [{"body": body} for body in queries[start:start + batch_size]]
+        _, errors, batch = runtime.prepare(rows, [{}] * len(rows), k, k)
+        assert not any(errors), errors
+        embeddings.append(runtime.embed(batch)[0])
+    embeddings = np.concatenate(embeddings)
+    return embeddings, runtime.search(embeddings, k)[1]
+
+
+def agreement(bundle_dir, queries, settings, device, k=4):
+    reference, ref_top = run_path(bundle_dir, RuntimeSettings(), "cpu" if device == "cpu" else device, queries, k)
+    fast, fast_top = run_path(bundle_dir, settings, device, queries, k)
+    same_set = np.mean([set(a) == set(b) for a, b in zip(ref_top, fast_top)])
+    cosine = np.sum(reference * fast, axis=1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(fast, axis=1))
+    return {"queries": len(queries), "k": k, "top_k_agreement": float(same_set),
+            "same_order": float(np.mean(np.all(ref_top == fast_top, axis=1))),
+            "mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min()),
+            "settings": settings.to_dict(), "device": str(device)}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", help="a real bundle; --queries-dir then names held-out photos")
+    p.add_argument("--queries-dir", help="held-out images for --bundle")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--gpu-decode", action="store_true")
+    p.add_argument("--image-size", type=int, default=225)
+    p.add_argument("--catalogue", type=int, default=500, help="synthetic catalogue photos")
+    p.add_argument("--queries", type=int, default=200, help="synthetic held-out queries")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    settings = RuntimeSettings(args.precision, args.channels_last, args.compile, args.gpu_decode)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.bundle:
+            bundle, queries = args.bundle, load_photos(args.queries_dir, args.queries)
+        else:
+            catalogue = load_photos(count=args.catalogue)
+            bundle = synthetic_bundle(Path(tmp) / "bundle", args.image_size, catalogue[:64], catalogue,
+                                      catalogue_size=len(catalogue))
+            queries = [product_jpeg(100_000 + i) for i in range(args.queries)]
+        result = agreement(bundle, queries, settings, args.device, args.k)
+    print(f"top-{args.k} agreement {result['top_k_agreement']:.4f} over {result['queries']} held-out queries "
+          f"(same order {result['same_order']:.4f}, mean cosine {result['mean_cosine']:.5f}, min "
+          f"{result['min_cosine']:.5f}); {settings.to_dict()} on {args.device}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0 if result["top_k_agreement"] >= 0.99 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

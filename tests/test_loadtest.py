@@ -1,0 +1,26 @@
+"""A short headless Locust run against the test TorchServe: the suite works and no request fails."""
+import csv
+
+from loadtests.run import main as run_loadtest
+from tests.conftest import MODEL_NAME
+
+
+def test_short_headless_locust_run_has_no_failures(torchserve, tmp_path):
+    code = run_loadtest(["--host", torchserve.urls["inference"], "--state-dir", str(torchserve.state_dir),
+                         "--model", MODEL_NAME, "--users", "3", "--spawn-rate", "3", "--run-time", "20s",
+                         "--mix", "similar=0.7,embedding=0.3", "--max-p95-ms", "60000", "--results-dir",
+                         str(tmp_path), "--name", "smoke"])
+    assert code == 0
+    assert (tmp_path / "smoke.html").stat().st_size > 0
+    with open(tmp_path / "smoke_stats.csv", newline="") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    assert int(rows["Aggregated"]["Request Count"]) > 0
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    assert {"similar", "embedding"} <= set(rows), sorted(rows)
+
+
+def test_the_run_fails_when_p95_passes_the_bound(torchserve, tmp_path):
+    code = run_loadtest(["--host", torchserve.urls["inference"], "--state-dir", str(torchserve.state_dir),
+                         "--model", MODEL_NAME, "--users", "1", "--spawn-rate", "1", "--run-time", "3s",
+                         "--max-p95-ms", "0.001", "--results-dir", str(tmp_path), "--name", "bound"])
+    assert code != 0
