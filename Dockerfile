@@ -20,10 +20,10 @@ COPY config.properties .
 COPY model_store/*.mar model_store/
 
 # Inside the container TorchServe must listen on all interfaces for -p to reach it.
-# Token authorization stays on: the keys are in /app/key_file.json (docker exec ... cat key_file.json).
+# Token authorization stays on.
 RUN sed -i 's#http://127.0.0.1:#http://0.0.0.0:#' config.properties
 
 ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility PYTHONUNBUFFERED=1
 EXPOSE 8080 8081 8082
-CMD ["torchserve", "--foreground", "--ncs", "--ts-config", "/app/config.properties", \
-     "--model-store", "/app/model_store", "--models", "all"]
+# One archive per model (the highest version); keys in /app/.torchserve/key_file.json.
+CMD ["python", "-m", "serving.serve", "start", "--foreground", "--state-dir", "/app/.torchserve"]

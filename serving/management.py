@@ -5,7 +5,7 @@ and turns every failure into one ManagementError whose message says what went wr
 version, TorchServe unreachable, a refused token, an archive that is not in the model store.
 
 The previous default versions live in a small JSON file (default_history.json in the state folder), so that
-`rollback` knows where to go back to. See docs/versions.md.
+`rollback` knows where to go back to. See README.md, "Versions and rollouts".
 """
 import json
 import os

@@ -4,12 +4,15 @@
     python -m serving.serve start --models visual-search.mar     # or visual-search=visual-search-v1.mar
     python -m serving.serve status
     python -m serving.serve stop
+    python -m serving.serve start --foreground   # stays until TorchServe exits or SIGTERM stops it (Docker)
 
 State (pid file, logs, key_file.json with the API tokens) lives in --state-dir (default .torchserve/).
 """
 import argparse
 import json
+import signal
 import sys
+import time
 from pathlib import Path
 
 from serving.management import DEFAULT_STATE, HISTORY_FILE, ManagementError, archive_identity
@@ -24,7 +27,19 @@ def get_args(argv=None):
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--state-dir", default=str(DEFAULT_STATE))
     p.add_argument("--timeout", type=int, default=300, help="seconds to wait for the workers")
+    p.add_argument("--foreground", action="store_true", help="after start, stay until TorchServe exits; "
+                                                              "SIGTERM or Ctrl-C stops it")
     return p.parse_args(argv)
+
+
+def stay_in_foreground(server):
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while server.running():
+            time.sleep(2)
+        sys.exit("TorchServe exited")
+    finally:
+        server.stop()
 
 
 def version_key(version):
@@ -64,7 +79,9 @@ def main(argv=None):
             server.start(models, timeout=args.timeout)
             print(f"TorchServe is ready with {', '.join(models)}\n"
                   f"  inference  {server.urls['inference']}\n  management {server.urls['management']}\n"
-                  f"  metrics    {server.urls['metrics']}/metrics\n  keys       {server.key_file}")
+                  f"  metrics    {server.urls['metrics']}/metrics\n  keys       {server.key_file}", flush=True)
+            if args.foreground:
+                stay_in_foreground(server)
         elif args.action == "stop":
             server.stop()
             print("TorchServe stopped" if not server.running() else "TorchServe is still running")

@@ -4,8 +4,7 @@ import json
 import pytest
 
 from serving.build_archive import main as build_archive
-from serving.torchserve import TorchServe, free_port
-from tests.fixtures import IMAGE_SIZE, write_photo_folder
+from tests.fixtures import IMAGE_SIZE, running_torchserve, write_photo_folder
 from training.build_index import main as build_index
 from training.train import main as train
 
@@ -44,12 +43,8 @@ def model_store(bundle_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def torchserve(model_store, tmp_path_factory):
-    server = TorchServe(tmp_path_factory.mktemp("torchserve"), model_store=model_store,
-                        ports={api: free_port() for api in ("inference", "management", "metrics")})
-    server.start([f"{MODEL_NAME}.mar"], timeout=240)
-    yield server
-    server.stop()
-    assert not server.running(), "TorchServe did not stop"
+    with running_torchserve(tmp_path_factory.mktemp("torchserve"), model_store, [f"{MODEL_NAME}.mar"]) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

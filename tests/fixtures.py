@@ -1,9 +1,12 @@
 """Small real inputs for the tests: synthetic product photos, a trained tiny model, its bundle and archive."""
 import io
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from serving.torchserve import ADDRESS_KEYS, TorchServe, free_port
 
 CATEGORIES = ("bags", "phones", "shoes")
 IMAGE_SIZE = 32  # the tests' model input; the service default is 225
@@ -44,3 +47,15 @@ def write_photo_folder(root, per_category=8):
             suffix, fmt = (".jpg", "JPEG") if i % 2 else (".png", "PNG")
             (root / category / f"{category}-{i:02d}{suffix}").write_bytes(encode(image, fmt))
     return root
+
+
+@contextmanager
+def running_torchserve(state_dir, model_store, models):
+    """A real TorchServe on free loopback ports, stopped (and checked stopped) on exit."""
+    server = TorchServe(state_dir, model_store=model_store, ports={api: free_port() for api in ADDRESS_KEYS})
+    server.start(models, timeout=240)
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert not server.running(), "TorchServe did not stop"

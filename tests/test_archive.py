@@ -11,7 +11,7 @@ import yaml
 from tests.conftest import MODEL_NAME
 from visual_search.bundle import BUNDLE_FILES, BundleError, load_bundle, write_bundle
 from visual_search.catalogue import read_csv, write_csv
-from visual_search.index import build_index, l2_normalize, save_index
+from visual_search.index import build_index, l2_normalize
 
 
 def test_archive_carries_handler_package_bundle_and_model_config(model_store):

@@ -46,3 +46,16 @@ def test_missing_weights_file_is_a_clear_error(photo_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         train(["--data-dir", str(photo_dir), "--out-dir", str(tmp_path), "--weights", str(tmp_path / "nope.pth"),
                "--epochs", "1", "--image-size", "32", "--workers", "0"])
+
+
+def test_local_resnet50_weights_file_initialises_the_backbone(tmp_path):
+    from torchvision.models import resnet50
+
+    from visual_search.model import build_model
+
+    reference = resnet50(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet50.pth")
+    model = build_model(5, str(tmp_path / "resnet50.pth"))
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+    assert torch.equal(model.backbone.layer4[2].bn3.running_var, reference.layer4[2].bn3.running_var)
+    assert model.head.out_features == 5

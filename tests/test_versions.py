@@ -10,8 +10,8 @@ import requests
 from serving.manage import main as manage
 from serving.management import ManagementClient, ManagementError
 from serving.steady_load import SteadyLoad, main as steady_load
-from serving.torchserve import TorchServe, free_port
-from tests.fixtures import CATEGORIES, encode, product_photo
+from serving.torchserve import free_port
+from tests.fixtures import CATEGORIES, encode, product_photo, running_torchserve
 from training.update_catalogue import main as update_catalogue
 
 MODEL = "versioned-search"
@@ -40,12 +40,9 @@ def versions(bundle_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(versions, tmp_path_factory):
-    server = TorchServe(tmp_path_factory.mktemp("ts-versions"), model_store=versions["store"],
-                        ports={api: free_port() for api in ("inference", "management", "metrics")})
-    server.start([f"{MODEL}={MODEL}-v1.mar"], timeout=240)
-    yield server
-    server.stop()
-    assert not server.running(), "TorchServe did not stop"
+    with running_torchserve(tmp_path_factory.mktemp("ts-versions"), versions["store"],
+                            [f"{MODEL}={MODEL}-v1.mar"]) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
