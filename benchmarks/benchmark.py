@@ -36,7 +36,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-batch-delay", type=int, default=20, help="ms")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--runtime", nargs="*", default=[], help="build_archive runtime flags, e.g. --precision bf16")
+    p.add_argument("--runtime", nargs="*", default=[], help="build_archive runtime flags, e.g. --precision fp16")
     p.add_argument("--mix", default="similar=0.8,embedding=0.2")
     p.add_argument("--inprocess-seconds", type=float, default=20)
     p.add_argument("--users", default="1,2,4,8", help="Locust user counts, growing to saturation")

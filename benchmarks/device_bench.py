@@ -23,7 +23,7 @@ from loadtests.photos import load_photos
 
 SETTINGS = {"fp32": [], "fp16+cl+gpu-decode": ["--precision", "fp16", "--channels-last", "--gpu-decode"],
             "bf16+cl+gpu-decode": ["--precision", "bf16", "--channels-last", "--gpu-decode"],
-            "bf16+cl+compile+gpu-decode": ["--precision", "bf16", "--channels-last", "--compile", "--gpu-decode"]}
+            "fp16+cl+compile+gpu-decode": ["--precision", "fp16", "--channels-last", "--compile", "--gpu-decode"]}
 
 
 def get_args(argv=None):
@@ -86,7 +86,7 @@ def main(argv=None):
                  "--inprocess-seconds", str(seconds), "--out", str(out),
                  "--users", "1,2" if args.dry_run else "64,256,512", "--step-time", "5s" if args.dry_run else "30s"]
         if device == "cuda":
-            flags += ["--runtime", *SETTINGS["bf16+cl+gpu-decode"]]
+            flags += ["--runtime", *SETTINGS["fp16+cl+gpu-decode"]]
         benchmark(flags)
         result = json.loads((out / "benchmark.json").read_text())
         served = result["served"]

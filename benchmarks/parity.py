@@ -1,6 +1,6 @@
 """Does the fast path find the same neighbours as fp32? Top-k agreement over held-out queries.
 
-    python -m benchmarks.parity --device cuda --precision bf16 --channels-last --compile --gpu-decode
+    python -m benchmarks.parity --device cuda --precision fp16 --channels-last --compile --gpu-decode
     python -m benchmarks.parity --device cpu --precision bf16 --image-size 64 --queries 100    # quick, on a CPU
 
 A query agrees when the fast path's top-k ids are the same set as fp32's (the same full path: decode,
@@ -50,7 +50,7 @@ def get_args(argv=None):
     p.add_argument("--bundle", help="a real bundle; --queries-dir then names held-out photos")
     p.add_argument("--queries-dir", help="held-out images for --bundle")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp16")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--gpu-decode", action="store_true")

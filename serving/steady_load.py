@@ -2,9 +2,9 @@
 
     python -m serving.steady_load --model visual-search --clients 3 --seconds 300     # Ctrl-C stops it early
 
-Run it in a second terminal during a rollout (README.md, "Versions and rollouts"). Every 5 s it prints the requests so far, the
-failures and the versions that answered; at the end a summary. Exits 1 if any request failed. Loopback only,
-unless --allow-remote.
+Run it in a second terminal during a rollout (README.md, "Versions and rollouts"). Every 5 s it prints the
+requests so far, the failures and the versions that answered; at the end a summary. Exits 1 if any request
+failed. Loopback only, unless --allow-remote.
 """
 import argparse
 import io

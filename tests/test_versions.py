@@ -69,6 +69,10 @@ def test_catalogue_updates_are_numbered_and_recorded(versions):
     assert v1["weights_sha256"] == v2["weights_sha256"] and v1["index_sha256"] != v2["index_sha256"]
     assert all((versions["store"] / v["archive"]).is_file() and v["built"] for v in (v1, v2))
     assert versions["catalogues"]["2.0"] - versions["catalogues"]["1.0"] == versions["added"]
+    rows = (Path(v2["bundle"]) / "catalogue.csv").read_text().splitlines()
+    added_refs = [row.split(",")[2] for row in rows if row.startswith("added-")]
+    new_photos = (versions["root"] / "new_photos").as_posix()
+    assert sorted(added_refs) == [f"{new_photos}/{c}/added-{c}.png" for c in CATEGORIES]  # the file it came from
 
 
 def test_remove_by_id_and_bad_updates(versions):
@@ -116,7 +120,8 @@ def test_rollout_rollback_and_scaling_under_load_fail_no_request(server, version
                       encode(product_photo("bags", seed=4242), "JPEG"), clients=3, max_seconds=150).start()
     steps = [(("register", f"{MODEL}-v2.mar", "--workers", "1"), "1.0"), (("set-default", MODEL, "2.0"), "2.0"),
              (("scale", MODEL, "2.0", "--workers", "2"), "2.0"), (("list", MODEL), "2.0"),
-             (("scale", MODEL, "2.0", "--workers", "1"), "refused"), (("rollback", MODEL), "1.0"), (("scale", MODEL, "2.0", "--workers", "1"), "1.0"),
+             (("scale", MODEL, "2.0", "--workers", "1"), "refused"), (("rollback", MODEL), "1.0"),
+             (("scale", MODEL, "2.0", "--workers", "1"), "1.0"),
              (("unregister", MODEL, "2.0"), "1.0")]
     timeline, refusals, start = [], [], time.time()
     try:

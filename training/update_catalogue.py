@@ -1,9 +1,9 @@
 """Catalogue updates without retraining, each packed as the next version of the same model.
 
-    python -m training.update_catalogue --name visual-search --bundle runs/x/bundle        # record it as v1
-    python -m training.update_catalogue --name visual-search --add new_photos/             # old + new items
+    python -m training.update_catalogue --name visual-search --bundle runs/demo/bundle     # record it as v1
+    python -m training.update_catalogue --name visual-search --add data/new_photos         # old + new items
     python -m training.update_catalogue --name visual-search --remove sku-17 sku-18
-    python -m training.update_catalogue --name visual-search --checkpoint runs/y/best.pt --data-dir data/photos
+    python -m training.update_catalogue --name visual-search --checkpoint runs/new/best.pt --data-dir data/photos
 
 The source is the bundle of the latest recorded version (or --bundle). --add embeds the photos of a folder laid
 out like the catalogue (<category>/<image>) with the source's weights; the old items keep their vectors from
@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,9 @@ def get_args(argv=None):
     p.add_argument("--model-store", default=str(ROOT / "model_store"))
     p.add_argument("--bundle", default=None, help="source bundle (default: the latest recorded version's)")
     p.add_argument("--add", default=None, help="folder of new photos, <category>/<image file>")
+    p.add_argument("--image-prefix", default=None, help="put before each new item's <category>/<file> to make "
+                                                        "its image reference (default: the --add folder + /), "
+                                                        "e.g. https://cdn.example.com/products/")
     p.add_argument("--remove", nargs="+", default=[], metavar="ID", help="ids of items to take out")
     p.add_argument("--checkpoint", default=None, help="retrained checkpoint: re-embed every item with it")
     p.add_argument("--data-dir", default=None, help="root of the existing items' images (for --checkpoint, or "
@@ -141,6 +145,8 @@ def update(args):
             raise ValueError(f"ids already in the catalogue: {', '.join(clashes)} (remove them first to replace)")
         new_vectors = embed_catalogue(model, args.add, new_items, categories, preprocess, source.normalize,
                                       args.device, args.embed_batch_size, args.embed_workers)
+        prefix = args.image_prefix if args.image_prefix is not None else f"{Path(args.add).as_posix()}/"
+        new_items = [replace(it, image=prefix + it.image) for it in new_items]
         items, vectors = items + new_items, np.concatenate([vectors, new_vectors])
         changes.append(f"added {len(new_items)} item(s) from {args.add}")
     if args.note:
