@@ -1,7 +1,7 @@
 """The serving fast path, set by the archive's manifest "runtime" section and applied at load time.
 
     precision      "fp32", "fp16" or "bf16" (half precisions apply on CUDA only; fp16 keeps the top-4 of fp32,
-                   bf16 loses near-ties: see docs/performance.md)
+                   bf16 loses near-ties: see docs/gpu-fast-path.md)
     channels_last  NHWC weights and inputs
     compile        torch.compile, done at load time with warm-up batches, not on the first request
     gpu_decode     JPEG bodies decoded as one batch by torchvision.io.decode_jpeg on CUDA; other formats via PIL
