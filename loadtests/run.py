@@ -12,18 +12,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
+
+from serving.torchserve import add_target_arguments, refuse_remote
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="http://127.0.0.1:8080", help="TorchServe inference address")
-    p.add_argument("--state-dir", default=str(ROOT / ".torchserve"), help="folder with key_file.json")
-    p.add_argument("--model", default="visual-search")
+    add_target_arguments(p)
     p.add_argument("--users", type=int, default=4)
     p.add_argument("--spawn-rate", type=float, default=2)
     p.add_argument("--run-time", default="30s", help="Locust duration: 20s, 2m, ...")
@@ -33,7 +31,6 @@ def get_args(argv=None):
     p.add_argument("--photos", default="", help="folder of images to send (default: synthetic 640x480 JPEGs)")
     p.add_argument("--results-dir", default=str(ROOT / "results" / "loadtest"))
     p.add_argument("--name", default="locust", help="prefix of the report files")
-    p.add_argument("--allow-remote", action="store_true", help="allow a host that is not loopback")
     return p.parse_args(argv)
 
 
@@ -49,8 +46,7 @@ def read_summary(stats_csv):
 
 def run_locust(args):
     """Runs Locust once; returns (exit code, summary dict, report prefix)."""
-    if urlparse(args.host).hostname not in LOOPBACK and not args.allow_remote:
-        sys.exit(f"refusing to load {args.host}: pass --allow-remote for a host that is not loopback")
+    refuse_remote(args)
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     prefix = results / args.name

@@ -13,13 +13,11 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from urllib.parse import urlparse
 
 import requests
 
-from serving.torchserve import ROOT, TorchServe, TorchServeError
+from serving.torchserve import TorchServe, TorchServeError, add_target_arguments, refuse_remote
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def synthetic_photo():
@@ -91,20 +89,16 @@ class SteadyLoad:
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="http://127.0.0.1:8080", help="TorchServe inference address")
-    p.add_argument("--state-dir", default=str(ROOT / ".torchserve"), help="folder with key_file.json")
-    p.add_argument("--model", default="visual-search")
+    add_target_arguments(p)
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--seconds", type=float, default=300)
     p.add_argument("--photo", default=None, help="image to send (default: a synthetic JPEG)")
-    p.add_argument("--allow-remote", action="store_true", help="allow a host that is not loopback")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
-    if urlparse(args.host).hostname not in LOOPBACK and not args.allow_remote:
-        sys.exit(f"error: {args.host} is not a loopback address; pass --allow-remote to load it deliberately")
+    refuse_remote(args)
     try:
         key = TorchServe(args.state_dir).keys()["inference"]
     except (TorchServeError, KeyError) as error:

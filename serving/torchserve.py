@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import requests
 
@@ -22,6 +23,23 @@ ADDRESS_KEYS = {"inference": "inference_address", "management": "management_addr
 
 class TorchServeError(RuntimeError):
     pass
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def add_target_arguments(parser):
+    """--host, --state-dir, --model, --allow-remote: the TorchServe a load tool sends to, and its key file."""
+    parser.add_argument("--host", default="http://127.0.0.1:8080", help="TorchServe inference address")
+    parser.add_argument("--state-dir", default=str(ROOT / ".torchserve"), help="folder with key_file.json")
+    parser.add_argument("--model", default="visual-search")
+    parser.add_argument("--allow-remote", action="store_true", help="allow a host that is not loopback")
+
+
+def refuse_remote(args):
+    """Load goes to loopback only, unless --allow-remote says otherwise."""
+    if urlparse(args.host).hostname not in LOOPBACK and not args.allow_remote:
+        sys.exit(f"error: {args.host} is not a loopback address; pass --allow-remote to load it deliberately")
 
 
 def free_port():
