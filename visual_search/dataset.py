@@ -1,6 +1,7 @@
 """A torch Dataset over catalogue items, decoding each file exactly as the service decodes uploads."""
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .images import open_image
@@ -26,8 +27,6 @@ class ItemDataset(Dataset):
 
 
 def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=None, drop_last=False):
-    import torch
-
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                       generator=generator, drop_last=drop_last, persistent_workers=workers > 0)

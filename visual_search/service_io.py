@@ -47,7 +47,7 @@ def _image_bytes(row):
         raise InputError(f"{len(files)} files in one request: send one image per request", label="bad_body")
     if files:
         return bytes(files[0]), {}
-    if body is None and not files:
+    if body is None:
         raise InputError("empty request: send the image bytes as the body or as a multipart file", label="empty")
     raise InputError(f"unsupported body of type {type(body).__name__}", label="bad_body")
 
