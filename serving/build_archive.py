@@ -55,7 +55,8 @@ def get_args(argv=None):
     p.add_argument("--default-k", type=int, default=4)
     p.add_argument("--max-k", type=int, default=100)
     runtime = p.add_argument_group("runtime", "the fast path; unset options keep the bundle's runtime section")
-    runtime.add_argument("--precision", choices=list(PRECISIONS), default=None, help="fp16 and bf16 apply on CUDA only; fp16 keeps fp32's neighbours")
+    runtime.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                         help="fp16 and bf16 apply on CUDA only; fp16 keeps fp32's neighbours")
     flag = argparse.BooleanOptionalAction
     runtime.add_argument("--channels-last", action=flag, default=None)
     runtime.add_argument("--compile", action=flag, default=None, help="torch.compile at load time")
