@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .images import MAX_PIXELS, InputError, decode_image
-from .index import search
+from .index import l2_normalize, search
 from .preprocessing import eval_transform
 from .service_io import parse_query
 
@@ -179,10 +179,10 @@ class Runtime:
         if self.settings.compile and batch.shape[0] > 1:
             torch._dynamo.mark_dynamic(batch, 0)  # one graph for every batch size above 1
         embeddings, logits = self.forward(batch)
-        embeddings = embeddings.float()
-        if self.normalize:
-            embeddings = torch.nn.functional.normalize(embeddings, dim=1)
-        return embeddings.cpu().numpy(), torch.softmax(logits.float(), dim=1).cpu().numpy()
+        embeddings = embeddings.float().cpu().numpy()
+        if self.normalize:  # the same function that normalised the catalogue at indexing
+            embeddings = l2_normalize(embeddings)
+        return embeddings, torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def search(self, embeddings, k):
         return search(self.index, embeddings, k)
