@@ -59,3 +59,20 @@ def test_local_resnet50_weights_file_initialises_the_backbone(tmp_path):
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
     assert torch.equal(model.backbone.layer4[2].bn3.running_var, reference.layer4[2].bn3.running_var)
     assert model.head.out_features == 5
+
+
+def test_a_checkpoint_write_that_fails_half_way_leaves_the_earlier_file(tmp_path):
+    """best.pt and last.pt are written through one atomic helper: a crash mid-write cannot break the earlier file."""
+    from visual_search.checkpoint import save_checkpoint
+    from visual_search.model import build_model
+    from visual_search.preprocessing import PreprocessSettings
+
+    model = build_model(3)
+    state = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None, epoch=4,
+                 categories=["a", "b", "c"], preprocess=PreprocessSettings(image_size=IMAGE_SIZE),
+                 metrics={"val_accuracy": 0.5}, args={})
+    save_checkpoint(tmp_path / "best.pt", **state)
+    with pytest.raises(Exception, match="pickle"):  # torch.save fails after it has started the file
+        save_checkpoint(tmp_path / "best.pt", **{**state, "epoch": 5, "args": {"not saveable": lambda: None}})
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]

@@ -1,21 +1,28 @@
 """Embed the catalogue with a trained checkpoint and write the search bundle (weights, FAISS index, metadata).
 
     python -m training.build_index --checkpoint runs/x/best.pt --data-dir data/photos --out-dir runs/x/bundle
+    torchrun --nproc-per-node 4 -m training.build_index ...        # each process embeds its share
 
 The catalogue is the checkpoint's training split (train.csv beside it) unless --catalogue names a CSV or --all
-takes every image under --data-dir.
+takes every image under --data-dir. Every photo is decoded once before embedding starts; unreadable ones stop
+the build, or with --skip-bad are left out of the catalogue and listed in <out-dir>/bad-photos.csv.
+
+The embeddings are streamed into <out-dir>/embeddings.npy (float32 [N, 2048], rows in catalogue order): under
+torchrun each rank writes the rows of its contiguous share, then rank 0 builds the index from that file.
 """
 import argparse
 from pathlib import Path
 
 import numpy as np
 
+from visual_search import EMBEDDING_DIM, distributed
 from visual_search.bundle import write_bundle
 from visual_search.catalogue import read_csv, scan_folder
 from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
-from visual_search.embedding import embed_items
+from visual_search.embedding import embed_items, iter_embeddings
 from visual_search.index import DEFAULT_FACTORY, build_index, l2_normalize
 from visual_search.model import pick_device
+from visual_search.photo_check import BadPhotosError, check_photos
 
 EMBEDDINGS_FILE = "embeddings.npy"  # beside the bundle, for catalogue updates; not shipped in the archive
 
@@ -24,7 +31,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-dir", required=True, help="root that catalogue image references are relative to")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="bundle folder (under torchrun on storage every node shares)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--catalogue", help="CSV of id,category,image (default: train.csv beside the checkpoint)")
     source.add_argument("--all", action="store_true", help="index every image under --data-dir")
@@ -33,7 +40,9 @@ def get_args(argv=None):
     p.add_argument("--no-normalize", action="store_true", help="index raw embeddings instead of unit-length ones")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; under torchrun auto, cpu or cuda")
+    p.add_argument("--skip-bad", action="store_true", help="leave out photos that cannot be decoded (listed in "
+                                                           "<out-dir>/bad-photos.csv) instead of stopping")
     return p.parse_args(argv)
 
 
@@ -48,36 +57,103 @@ def catalogue_items(args):
 
 def embed_catalogue(model, data_dir, items, categories, preprocess, normalize, device="auto", batch_size=64,
                     workers=0):
-    """float32 [N, 2048] embeddings of `items`, unit-length if `normalize`: the vectors the index holds."""
+    """float32 [N, 2048] embeddings of `items` in memory, unit-length if `normalize` (for small catalogue updates)."""
     embeddings, _ = embed_items(model, data_dir, items, categories, preprocess, pick_device(device), batch_size,
                                 workers, desc="embedding catalogue")
     return l2_normalize(embeddings) if normalize else embeddings.astype(np.float32)
 
 
-def write_indexed_bundle(out_dir, *, model, categories, preprocess, items, embeddings, factory, normalize, notes,
-                         runtime=None):
-    """Builds the index over `embeddings` and writes the bundle, with embeddings.npy beside it for later updates."""
+def embed_catalogue_to_file(ctx, path, model, data_dir, items, categories, preprocess, normalize, batch_size=64,
+                            workers=0):
+    """Streams the embeddings of `items` into the .npy at `path`, each rank the rows of its contiguous share.
+
+    Rank 0 creates the file under a temporary name and renames it once every rank has written its rows, so a
+    build that stops half-way never leaves an embeddings.npy with rows missing.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    if ctx.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(len(items), EMBEDDING_DIM)).flush()
+    distributed.barrier(ctx)
+    if not partial.is_file():
+        raise FileNotFoundError(f"{partial}, made by rank 0, is not visible here: under torchrun --out-dir must be "
+                                f"on storage that every node shares")
+    rows = np.lib.format.open_memmap(partial, mode="r+")
+    start, end = distributed.shard_range(len(items), ctx.rank, ctx.world_size)
+    row = start
+    for embeddings, _ in iter_embeddings(model, data_dir, items[start:end], categories, preprocess, ctx.device,
+                                         batch_size, workers, desc="embedding catalogue", progress=ctx.is_main):
+        rows[row:row + len(embeddings)] = l2_normalize(embeddings) if normalize else embeddings
+        row += len(embeddings)
+    rows.flush()
+    del rows
+    distributed.barrier(ctx)
+    if ctx.is_main:
+        partial.replace(path)
+    return path
+
+
+def write_bundle_from_embeddings(out_dir, *, model, categories, preprocess, items, factory, normalize, notes,
+                                 runtime=None):
+    """Builds the index from out_dir/embeddings.npy, memory-mapped (its single source), and writes the bundle."""
     out_dir = Path(out_dir)
+    embeddings = np.load(out_dir / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
+    if embeddings.shape != (len(items), EMBEDDING_DIM):
+        raise ValueError(f"{out_dir / EMBEDDINGS_FILE} holds {embeddings.shape}, expected ({len(items)}, "
+                         f"{EMBEDDING_DIM})")
     manifest = write_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess,
                             index=build_index(embeddings, factory), items=items, index_factory=factory,
                             normalize=normalize, runtime=runtime, notes=notes)
-    np.save(out_dir / EMBEDDINGS_FILE, np.asarray(embeddings, dtype=np.float32))
     print(f"indexed {manifest['num_items']} items ({factory}, {'unit-length' if normalize else 'raw'} "
           f"embeddings) in {out_dir}")
     return manifest
 
 
-def main(argv=None):
-    args = get_args(argv)
+def write_indexed_bundle(out_dir, *, model, categories, preprocess, items, embeddings, factory, normalize, notes,
+                         runtime=None):
+    """Saves in-memory `embeddings` as out_dir/embeddings.npy, then writes the bundle indexed from that file."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f"{EMBEDDINGS_FILE}.partial"
+    with open(partial, "wb") as f:
+        np.save(f, np.asarray(embeddings, dtype=np.float32), allow_pickle=False)
+    partial.replace(out_dir / EMBEDDINGS_FILE)
+    return write_bundle_from_embeddings(out_dir, model=model, categories=categories, preprocess=preprocess,
+                                        items=items, factory=factory, normalize=normalize, notes=notes,
+                                        runtime=runtime)
+
+
+def build(args, ctx):
+    out_dir = Path(args.out_dir)
     model, categories, preprocess = model_from_checkpoint(load_checkpoint(args.checkpoint))
     items = catalogue_items(args)
+    if not items:
+        raise ValueError("the catalogue is empty")
+    distributed.check_same_on_all_ranks(ctx, "\n".join(f"{it.id},{it.category},{it.image}" for it in items),
+                                        "the catalogue list")
+    items = check_photos(ctx, args.data_dir, items, out_dir, args.skip_bad, preprocess.image_size, args.workers)
+    if not items:
+        raise ValueError(f"no readable photos left in the catalogue under {args.data_dir}")
     normalize = not args.no_normalize
-    embeddings = embed_catalogue(model, args.data_dir, items, categories, preprocess, normalize, args.device,
-                                 args.batch_size, args.workers)
-    return write_indexed_bundle(args.out_dir, model=model, categories=categories, preprocess=preprocess, items=items,
-                                embeddings=embeddings, factory=args.factory, normalize=normalize,
-                                notes=f"built from {args.checkpoint}")
+    embed_catalogue_to_file(ctx, out_dir / EMBEDDINGS_FILE, model, args.data_dir, items, categories, preprocess,
+                            normalize, args.batch_size, args.workers)
+    manifest = None
+    if ctx.is_main:
+        manifest = write_bundle_from_embeddings(out_dir, model=model, categories=categories, preprocess=preprocess,
+                                                items=items, factory=args.factory, normalize=normalize,
+                                                notes=f"built from {args.checkpoint}")
+    return manifest  # the other ranks are done: they need not wait while rank 0 builds the index
+
+
+def main(argv=None):
+    args = get_args(argv)
+    with distributed.session(args.device) as ctx:
+        return build(args, ctx)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        distributed.exit_with_error(error, same_on_every_rank=isinstance(error, BadPhotosError))

@@ -1,5 +1,9 @@
 """Training checkpoints: model and optimizer state plus everything needed to rebuild and serve the model."""
+import os
+from pathlib import Path
+
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from .model import ProductNet
 from .preprocessing import PreprocessSettings
@@ -8,20 +12,36 @@ CHECKPOINT_FORMAT = 1
 
 
 def save_checkpoint(path, *, model, optimizer, scheduler, epoch, categories, preprocess, metrics, args):
-    torch.save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "epoch": epoch,
-            "categories": list(categories),
-            "preprocess": preprocess.to_dict(),
-            "metrics": dict(metrics),
-            "args": dict(args),
-        },
-        path,
-    )
+    """Writes atomically: a crash while writing leaves any earlier file at `path` as it was.
+
+    A DistributedDataParallel wrapper is taken off `model`, so the keys never carry its "module." prefix.
+    """
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    write_atomically(path, {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": epoch,
+        "categories": list(categories),
+        "preprocess": preprocess.to_dict(),
+        "metrics": dict(metrics),
+        "args": dict(args),
+    })
+
+
+def write_atomically(path, state):
+    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over `path`."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def load_checkpoint(path):

@@ -8,13 +8,19 @@ from .preprocessing import eval_transform
 
 
 @torch.inference_mode()
+def iter_embeddings(model, root, items, categories, preprocess, device, batch_size=64, workers=0, desc="embedding",
+                    progress=True):
+    """Yields (embeddings float32 [b, 2048], logits float32 [b, C]) batch by batch, in the order of `items`."""
+    model.eval().to(device)
+    dataset = ItemDataset(root, items, eval_transform(preprocess), categories, decode_size=preprocess.image_size)
+    for images, _ in tqdm(make_loader(dataset, batch_size, workers=workers), desc=desc, unit="batch",
+                          disable=not progress):
+        emb, out = model.embed_and_classify(images.to(device))
+        yield emb.float().cpu().numpy(), out.float().cpu().numpy()
+
+
 def embed_items(model, root, items, categories, preprocess, device, batch_size=64, workers=0, desc="embedding"):
     """(embeddings float32 [N, 2048], logits float32 [N, C]) for `items`, in their order."""
-    model.eval().to(device)
-    loader = make_loader(ItemDataset(root, items, eval_transform(preprocess), categories), batch_size, workers=workers)
-    embeddings, logits = [], []
-    for images, _ in tqdm(loader, desc=desc, unit="batch"):
-        emb, out = model.embed_and_classify(images.to(device))
-        embeddings.append(emb.float().cpu().numpy())
-        logits.append(out.float().cpu().numpy())
+    embeddings, logits = zip(*iter_embeddings(model, root, items, categories, preprocess, device, batch_size,
+                                              workers, desc))
     return np.concatenate(embeddings), np.concatenate(logits)
