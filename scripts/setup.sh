@@ -9,8 +9,14 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
 
+if [ ! -x /usr/bin/chromium ]; then
+  echo "== installing the Debian package chromium (the browser the web page's test drives)"
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium; } \
+    || echo "warning: could not install chromium: tests/test_web_browser.py will fail (see docs/web.md)"
+fi
+
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-stamp=".venv/.installed-$(sha256sum requirements.txt | cut -c1-16)"
+stamp=".venv/.installed-$(cat requirements.txt requirements-serve.txt | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   echo "== creating .venv with the pinned stack (requirements.txt)"
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
