@@ -11,8 +11,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# TorchServe, then the search page beside it (docs/web.md). IMAGES: the catalogue image folder.
+IMAGES ?= data/fashion-mnist/images
 serve: setup
 	$(PY) -m serving.serve start
+	$(PY) -m web.service start --images $(IMAGES)
 
 stop:
+	$(PY) -m web.service stop
 	$(PY) -m serving.serve stop
