@@ -2,8 +2,8 @@
 
     make demo                      # or: .venv/bin/python -m demo [--profile cpu|gpu]
 
-Without a GPU it trains on a seeded subset at a small input size (it says so) to finish in about 15 minutes on
-2 cores; with one it trains at 225x225 on all 70,000 images.
+Without a GPU it trains on a seeded subset at a small input size (it says so) to finish in under 5 minutes on
+2 quiet cores (README shows a 262 s run; the budget is 15); with one it trains at 225x225 on all 70,000 images.
 """
 import argparse
 import concurrent.futures

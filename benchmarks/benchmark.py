@@ -3,14 +3,24 @@
     python -m benchmarks.benchmark --image-size 225 --batch-size 4 --max-batch-delay 20 --workers 1 \
         --users 1,2,4,8,16 --step-time 60s --out results/benchmark
 
-(a) the handler's own preprocess + inference + search on batches of --batch-size 640x480 JPEGs, in this process;
+(a) the archive's handler, run from the unpacked archive in a process of its own (benchmarks.handler_child), on
+batches of --batch-size 640x480 JPEGs: decoding, model, search and the answers serialised as the worker does;
 (b) TorchServe with the same archive under Locust, users growing to saturation; b/a; p50/p95/p99 at a moderate
-fixed load (--moderate-fraction of the saturated rate); one user's p50 against the in-process batch-1 time.
+fixed load (--moderate-fraction of the saturated rate); one user's p50 against the in-process batch-1 time;
+where a lone request's time goes (TorchServe's queue, which holds it for maxBatchDelay waiting for company, the
+trip to the worker and back, the rest: HTTP and the client), from TorchServe's own metrics around sequential
+requests; and the bytes of each kind of answer.
+--code measures another checkout's handler and package with this same script (e.g. one extracted with
+`git archive <commit> | tar -x -C /tmp/baseline`): its own serving.build_archive packs them.
 Writes <out>/benchmark.json and <out>/latency_vs_throughput.png.
 """
 import argparse
 import json
+import os
 import platform
+import re
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,14 +29,14 @@ from pathlib import Path
 import requests
 import torch
 
-from benchmarks.inprocess import load_handler, single_latency_ms, synthetic_bundle, throughput
-from loadtests.mix import parse_mix
+from benchmarks.inprocess import synthetic_bundle
 from loadtests.photos import load_photos
 from loadtests.run import get_args as loadtest_args, run_locust
 from serving.build_archive import main as build_archive
 from serving.torchserve import TorchServe, free_port
 
 MODEL = "bench-search"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def get_args(argv=None):
@@ -43,6 +53,8 @@ def get_args(argv=None):
     p.add_argument("--step-time", default="30s", help="Locust run time per user count")
     p.add_argument("--moderate-fraction", type=float, default=0.5, help="of the saturated rate")
     p.add_argument("--out", default="results/benchmark")
+    p.add_argument("--probe-requests", type=int, default=30, help="sequential requests of the lone-request breakdown")
+    p.add_argument("--code", default=str(ROOT), help="checkout whose handler and visual_search package are measured")
     p.add_argument("--skip-served", action="store_true", help="measure (a) only (no Java or TorchServe needed)")
     return p.parse_args(argv)
 
@@ -56,21 +68,63 @@ def machine():
 
 def build(args, tmp, photos):
     bundle = synthetic_bundle(tmp / "bundle", args.image_size, photos[:16], catalogue_size=args.catalogue_size)
-    build_archive(["--bundle", str(bundle), "--name", MODEL, "--model-store", str(tmp / "store"), "--batch-size",
-                   str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay), "--workers",
-                   str(args.workers), *args.runtime])
+    options = ["--bundle", str(bundle), "--name", MODEL, "--model-store", str(tmp / "store"), "--batch-size",
+               str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay), "--workers", str(args.workers),
+               *args.runtime]
+    code = Path(args.code).resolve()
+    if code == ROOT:
+        build_archive(options)
+    else:  # the other checkout's own packer, handler and package
+        env = {**os.environ, "PYTHONPATH": str(code)}
+        subprocess.run([sys.executable, "-m", "serving.build_archive", *options], cwd=code, env=env, check=True)
     return tmp / "store" / f"{MODEL}.mar"
 
 
-def measure_inprocess(args, archive, tmp, photos):
+def measure_inprocess(args, archive, tmp):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    handler = load_handler(archive, tmp, args.batch_size, device)
-    mix = parse_mix(args.mix)
-    outputs = [name for name, weight in mix.items() for _ in range(max(1, round(10 * weight / sum(mix.values()))))]
-    rate = throughput(handler, photos, args.batch_size, outputs, args.inprocess_seconds)
-    latency = single_latency_ms(handler, photos, 10)
-    del handler
-    return {"images_per_s": rate, "batch1_ms": latency, "device": device}
+    command = [sys.executable, "-m", "benchmarks.handler_child", "--archive", str(archive), "--work-dir",
+               str(tmp / "inprocess"), "--batch-size", str(args.batch_size), "--seconds", str(args.inprocess_seconds),
+               "--mix", args.mix, "--device", device]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"error: the in-process measurement failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def metric_sum(text, name):
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}}\s+(\S+)$", text, flags=re.M))
+
+
+def lone_request_breakdown(server, photos, count):
+    """Sequential similar-items requests, one at a time: where each one's time goes, in ms per request, from
+    TorchServe's counters (ts_queue_latency_microseconds: arrival to dispatch to the worker, which includes the
+    maxBatchDelay wait of a lone request; ts_inference_latency_microseconds: arrival to answer) and the client."""
+    url = f"{server.urls['inference']}/predictions/{MODEL}"
+    scrape = lambda: requests.get(f"{server.urls['metrics']}/metrics", timeout=30).text  # noqa: E731
+    with requests.Session() as session:
+        headers = {**server.headers(), "Content-Type": "image/jpeg"}
+        session.post(url, data=photos[0], headers=headers, timeout=120).raise_for_status()
+        before, times = scrape(), []
+        for i in range(count):
+            start = time.perf_counter()
+            session.post(url, data=photos[i % len(photos)], headers=headers, timeout=120).raise_for_status()
+            times.append((time.perf_counter() - start) * 1000)
+        after = scrape()
+    delta = lambda name: metric_sum(after, name) - metric_sum(before, name)  # noqa: E731
+    requests_seen = delta("ts_inference_requests_total") or count
+    queue_ms = delta("ts_queue_latency_microseconds") / requests_seen / 1000
+    frontend_ms = delta("ts_inference_latency_microseconds") / requests_seen / 1000
+    client_ms = statistics.mean(times)
+    return {"requests": count, "client_p50_ms": statistics.median(times), "client_mean_ms": client_ms,
+            "queue_ms": queue_ms, "worker_round_trip_ms": frontend_ms - queue_ms,
+            "http_and_client_ms": client_ms - frontend_ms}
+
+
+def served_answer_bytes(server, photo):
+    url = f"{server.urls['inference']}/predictions/{MODEL}"
+    headers = {**server.headers(), "Content-Type": "image/jpeg"}
+    return {output: len(requests.post(url, data=photo, headers={**headers, "X-Output": output}, timeout=120).content)
+            for output in ("similar", "embedding")}
 
 
 def locust_step(server, args, out, users, rate=0.0, run_time=None):
@@ -82,7 +136,7 @@ def locust_step(server, args, out, users, rate=0.0, run_time=None):
     return {"users": users, "rate_per_user": rate, "exit_code": code, **summary}
 
 
-def measure_served(args, archive, out):
+def measure_served(args, archive, out, photos):
     server = TorchServe(out / "torchserve", model_store=archive.parent,
                         ports={api: free_port() for api in ("inference", "management", "metrics")})
     server.start([archive.name], timeout=600)
@@ -92,10 +146,13 @@ def measure_served(args, archive, out):
         users = max(1, best["users"])
         fixed_rate = args.moderate_fraction * best["requests_per_s"] / users
         moderate = locust_step(server, args, out, users, rate=fixed_rate)
+        lone = lone_request_breakdown(server, photos, args.probe_requests)
+        answer_bytes = served_answer_bytes(server, photos[0])
         (out / "metrics.txt").write_text(requests.get(f"{server.urls['metrics']}/metrics", timeout=30).text)
     finally:
         server.stop()
-    return {"sweep": sweep, "saturated": best, "moderate": moderate}
+    return {"sweep": sweep, "saturated": best, "moderate": moderate, "lone_request": lone,
+            "answer_bytes": answer_bytes}
 
 
 def plot(result, path):
@@ -118,8 +175,10 @@ def plot(result, path):
 
 def report(result):
     a = result["inprocess"]
+    print(f"code: {result['settings']['code']}")
     print(f"(a) in-process, batch {result['settings']['batch_size']}: {a['images_per_s']:.2f} images/s; "
-          f"batch 1: {a['batch1_ms']:.1f} ms ({a['device']})")
+          f"batch 1: {a['batch1_ms']:.1f} ms ({a['device']}); answers {a['answer_bytes']['similar']} B similar, "
+          f"{a['answer_bytes']['embedding']} B embedding")
     served = result.get("served")
     if not served:
         return
@@ -132,6 +191,14 @@ def report(result):
     print(f"    moderate load {m['requests_per_s']:.2f} req/s: p50 {m['p50_ms']} p95 {m['p95_ms']} "
           f"p99 {m['p99_ms']} ms")
     print(f"    one user p50 / in-process batch-1 = {r['single_p50_over_batch1']:.2f} (target <= 1.3)")
+    lone = served["lone_request"]
+    print(f"    a lone request, {lone['requests']} in a row: client p50 {lone['client_p50_ms']:.1f} ms, mean "
+          f"{lone['client_mean_ms']:.1f} = queue {lone['queue_ms']:.1f} (maxBatchDelay "
+          f"{result['settings']['max_batch_delay']}) + worker round trip {lone['worker_round_trip_ms']:.1f} + "
+          f"HTTP and client {lone['http_and_client_ms']:.1f}; lone p50 / batch-1 = "
+          f"{r['lone_p50_over_batch1']:.2f}")
+    print(f"    answers on the wire: {served['answer_bytes']['similar']} B similar, "
+          f"{served['answer_bytes']['embedding']} B embedding")
 
 
 def main(argv=None):
@@ -142,15 +209,17 @@ def main(argv=None):
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         archive = build(args, Path(tmp), photos)
+        args.code = str(Path(args.code).resolve())
         result = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "out"},
-                  "inprocess": measure_inprocess(args, archive, Path(tmp), photos)}
+                  "inprocess": measure_inprocess(args, archive, Path(tmp))}
         if not args.skip_served:
-            result["served"] = measure_served(args, archive, out)
+            result["served"] = measure_served(args, archive, out, photos)
             sweep, a = result["served"]["sweep"], result["inprocess"]
             result["ratios"] = {
                 "b_over_a": result["served"]["saturated"]["requests_per_s"] / a["images_per_s"],
                 "single_p50_over_batch1": next(s["p50_ms"] for s in sweep if s["users"] == min(
-                    x["users"] for x in sweep)) / a["batch1_ms"]}
+                    x["users"] for x in sweep)) / a["batch1_ms"],
+                "lone_p50_over_batch1": result["served"]["lone_request"]["client_p50_ms"] / a["batch1_ms"]}
     result["seconds"] = time.time() - started
     (out / "benchmark.json").write_text(json.dumps(result, indent=2))
     if "served" in result:

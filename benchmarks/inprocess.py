@@ -1,7 +1,9 @@
-"""The handler in this process, as TorchServe's worker runs it: a synthetic bundle, the archive unpacked, a
-stand-in context, and the handler's own preprocess, inference and postprocess timed on batches of JPEG bodies.
+"""The handler in this process, as TorchServe's worker runs it: a synthetic bundle, the archive unpacked, its own
+handler file, TorchServe's Context and metrics cache, and the handler's entry point, `handle(data, context)`, with
+the answers serialised as the worker serialises them, timed on batches of JPEG bodies.
 """
 import importlib.util
+import json
 import statistics
 import time
 import zipfile
@@ -18,7 +20,6 @@ from visual_search.model import ProductNet
 from visual_search.preprocessing import PreprocessSettings, eval_transform
 
 ROOT = Path(__file__).resolve().parent.parent
-HANDLER = ROOT / "handler" / "visual_search_handler.py"
 CATEGORIES = ("bags", "phones", "shoes")
 
 
@@ -64,52 +65,69 @@ def synthetic_bundle(out_dir, image_size, calibration, catalogue_photos=(), cata
     return Path(out_dir)
 
 
-class LocalContext:
-    """What the handler reads from TorchServe's context, for one model directory."""
+def wire_bytes(value):
+    """The body TorchServe's worker sends for one answer (ts/protocol/otf_message_handler.create_predict_response):
+    bytes and str as they are, anything else as json.dumps(value, indent=2)."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value, indent=2).encode("utf-8")
 
-    def __init__(self, model_dir, batch_size, name="bench", device="cpu"):
-        self.system_properties = {"model_dir": str(model_dir),
-                                  "gpu_id": 0 if torch.device(device).type == "cuda" else None}
-        self.model_yaml_config = {"batchSize": batch_size, "handler": {"default_k": 4, "max_k": 100}}
-        self.manifest = {"model": {"modelName": name, "modelVersion": "local"}}
-        self.metrics, self.headers, self.statuses = None, [], {}
 
-    def get_all_request_header(self, idx):
-        return self.headers[idx] if idx < len(self.headers) else {}
+def local_context(model_dir, batch_size, name="bench", device="cpu"):
+    """TorchServe's own Context and metrics cache, as its worker builds them for one model directory."""
+    import ts  # noqa: PLC0415
+    from ts.context import Context  # noqa: PLC0415
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl  # noqa: PLC0415
 
-    def set_response_status(self, code, phrase, idx=0):
-        self.statuses[idx] = (code, phrase)
+    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics.initialize_cache()
+    manifest = {"model": {"modelName": name, "modelVersion": "local"}}
+    config = {"batchSize": batch_size, "handler": {"default_k": 4, "max_k": 100}}
+    gpu = 0 if torch.device(device).type == "cuda" else None
+    return Context(name, str(model_dir), manifest, batch_size, gpu, ts.__version__, metrics=metrics,
+                   model_yaml_config=config)
 
 
 def load_handler(archive, work_dir, batch_size, device="cpu"):
-    """The handler class loaded from the repository, initialised on the archive's files as TorchServe would."""
+    """The archive's own handler, unpacked and initialised on the archive's files as TorchServe's worker does. Its
+    `visual_search` imports resolve through sys.path (benchmarks.handler_child puts the archive's copy first)."""
     model_dir = Path(work_dir) / "model_dir"
     with zipfile.ZipFile(archive) as mar:
         mar.extractall(model_dir)
-    spec = importlib.util.spec_from_file_location("visual_search_handler", HANDLER)
+    spec = importlib.util.spec_from_file_location("visual_search_handler", model_dir / "visual_search_handler.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    handler, context = module.VisualSearchHandler(), LocalContext(model_dir, batch_size, device=device)
+    handler, context = module.VisualSearchHandler(), local_context(model_dir, batch_size, device=device)
     handler.initialize(context)
     handler.context = context
     return handler
 
 
+def handle_raw(handler, bodies, outputs):
+    """One batch through the handler's entry point, as TorchServe's worker calls it, serialised as the worker
+    does: the answers' bytes."""
+    from ts.context import RequestProcessor  # noqa: PLC0415
+
+    context = handler.context
+    context.request_processor = [RequestProcessor({"X-Output": output}) for output in outputs]
+    return [wire_bytes(answer) for answer in handler.handle([{"body": body} for body in bodies], context)]
+
+
 def handle(handler, bodies, outputs):
-    """One batch through the handler's own path: the answers, one per body."""
-    handler.context.headers = [{"X-Output": output} for output in outputs]
-    rows = [{"body": body} for body in bodies]
-    return handler.postprocess(handler.inference(handler.preprocess(rows)))
+    """One batch through the handler: the answers as dicts, one per body."""
+    return [json.loads(answer) for answer in handle_raw(handler, bodies, outputs)]
 
 
 def throughput(handler, photos, batch_size, outputs, seconds):
     """Images/s of full batches of `batch_size` over about `seconds`, after one warm-up batch."""
     pick = lambda n: ([photos[(n + i) % len(photos)] for i in range(batch_size)],  # noqa: E731
                       [outputs[(n + i) % len(outputs)] for i in range(batch_size)])
-    handle(handler, *pick(0))
+    handle_raw(handler, *pick(0))
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or done == 0:
-        handle(handler, *pick(done))
+        handle_raw(handler, *pick(done))
         done += batch_size
     return done / (time.perf_counter() - start)
 
@@ -119,6 +137,6 @@ def single_latency_ms(handler, photos, repeats):
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        handle(handler, [photos[i % len(photos)]], ["similar"])
+        handle_raw(handler, [photos[i % len(photos)]], ["similar"])
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times[1:])

@@ -19,6 +19,7 @@ from benchmarks.inprocess import synthetic_bundle
 from loadtests.photos import load_photos, product_jpeg
 from visual_search.bundle import load_bundle
 from visual_search.runtime import PRECISIONS, Runtime, RuntimeSettings
+from visual_search.service_io import Limits
 
 
 def run_path(bundle_dir, settings, device, queries, k, batch_size=64):
@@ -27,7 +28,7 @@ def run_path(bundle_dir, settings, device, queries, k, batch_size=64):
     embeddings = []
     for start in range(0, len(queries), batch_size):
         rows = [{"body": body} for body in queries[start:start + batch_size]]
-        _, errors, batch = runtime.prepare(rows, [{}] * len(rows), k, k)
+        _, errors, batch = runtime.prepare(rows, [{}] * len(rows), Limits(k, k))
         assert not any(errors), errors
         embeddings.append(runtime.embed(batch)[0])
     embeddings = np.concatenate(embeddings)

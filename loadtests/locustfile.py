@@ -1,9 +1,11 @@
 """Locust users that post product photos (JPEG, 640x480 by default) to /predictions/<model>.
 
-Each request asks for the similar-items answer or the embedding (X-Output), in the proportions of --mix.
+Each request asks for the similar-items answer or the embedding (X-Output), in the proportions of --mix: each user
+walks loadtests.mix.schedule from its own starting point, so a short run already holds both kinds.
 The run fails (exit code 1) when any request fails, or when the p95 latency passes --max-p95-ms.
 Run it through `python -m loadtests.run`, which reads the token and writes the reports.
 """
+import itertools
 import random
 import sys
 from pathlib import Path
@@ -11,11 +13,12 @@ from pathlib import Path
 from locust import FastHttpUser, constant, constant_throughput, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from loadtests.mix import parse_mix  # noqa: E402
+from loadtests.mix import parse_mix, schedule  # noqa: E402
 from loadtests.photos import load_photos  # noqa: E402
 from serving.torchserve import TorchServe  # noqa: E402
 
-PHOTOS, AUTH, MIX = [], {}, {}
+PHOTOS, AUTH, SCHEDULE = [], {}, []
+USER_NUMBERS = itertools.count()
 EXPECTED = {"similar": b'"neighbours"', "embedding": b'"embedding"'}  # a field each answer must hold
 
 
@@ -37,7 +40,7 @@ def set_up(environment, **_):
     options = environment.parsed_options
     if options is None:
         return
-    MIX.update(parse_mix(options.mix))
+    SCHEDULE.extend(schedule(parse_mix(options.mix)))
     AUTH.update(TorchServe(options.state_dir).headers())
     width, height = (int(v) for v in options.photo_size.lower().split("x"))
     PHOTOS.extend(load_photos(options.photos or None, options.photo_count, (width, height)))
@@ -59,10 +62,13 @@ def check_run(environment, **_):
 class SearchUser(FastHttpUser):
     wait_time = constant(0)
 
+    def on_start(self):
+        self.sent = next(USER_NUMBERS)  # where this user starts in the schedule
+
     @task
     def search(self):
         options = self.environment.parsed_options
-        output = random.choices(list(MIX), weights=list(MIX.values()))[0]
+        output, self.sent = SCHEDULE[self.sent % len(SCHEDULE)], self.sent + 1
         headers = {**AUTH, "Content-Type": "image/jpeg", "X-Output": output, "X-Top-K": str(options.top_k)}
         with self.client.post(f"/predictions/{options.model}", data=random.choice(PHOTOS), headers=headers,
                               name=output, catch_response=True) as response:

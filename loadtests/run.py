@@ -3,12 +3,16 @@
     python -m loadtests.run --host http://127.0.0.1:8080 --state-dir .torchserve --model visual-search \
         --users 8 --spawn-rate 4 --run-time 60s --mix similar=0.8,embedding=0.2 --max-p95-ms 2000
 
+Writes <name>_stats.csv (and Locust's other CSVs), <name>.html and <name>.json (the final count per request
+name, written at shutdown; the CSVs are written every second and can miss the last requests of a short run).
 Exits non-zero when any request failed or the p95 latency passed --max-p95-ms. Loopback hosts only, unless
 --allow-remote.
 """
 import argparse
 import csv
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +48,50 @@ def read_summary(stats_csv):
             "p99_ms": number("99%"), "mean_ms": number("Average Response Time")}
 
 
+def read_counts(prefix):
+    """{request name: {"requests": n, "failures": n}} from <prefix>.json, the run's final stats."""
+    entries = json.loads(Path(f"{prefix}.json").read_text())
+    return {e["name"]: {"requests": e["num_requests"], "failures": e["num_failures"]} for e in entries}
+
+
+def percentile(response_times, fraction):
+    """Locust's own rule over its {rounded ms: count} histogram: the smallest time that covers `fraction`."""
+    total, seen = sum(response_times.values()), 0
+    for ms in sorted(response_times):
+        seen += response_times[ms]
+        if seen >= fraction * total:
+            return float(ms)
+    return None
+
+
+def timespan_seconds(text):
+    """Locust's --run-time ("90s", "2m", "1h30m") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+)\s*([hms])", text.lower())
+    if not parts:
+        return float(text)
+    return float(sum(int(n) * units[u] for n, u in parts))
+
+
+def read_final_summary(prefix, seconds=None):
+    """The same summary as read_summary, from <prefix>.json (complete, unlike the CSV of a short run); the rate
+    is over `seconds`, the run time, when given."""
+    entries = json.loads(Path(f"{prefix}.json").read_text())
+    times, requests, failures, first, last, total_ms = {}, 0, 0, None, None, 0
+    for e in entries:
+        for ms, n in e["response_times"].items():
+            times[float(ms)] = times.get(float(ms), 0) + n
+        requests, failures, total_ms = requests + e["num_requests"], failures + e["num_failures"], \
+            total_ms + e["total_response_time"]
+        first = min(filter(None, (first, e["start_time"])), default=None)
+        last = max(filter(None, (last, e["last_request_timestamp"])), default=None)
+    seconds = seconds or ((last - first) if first and last and last > first else None)
+    return {"requests": requests, "failures": failures,
+            "requests_per_s": requests / seconds if seconds else None,
+            "p50_ms": percentile(times, 0.5), "p95_ms": percentile(times, 0.95), "p99_ms": percentile(times, 0.99),
+            "mean_ms": total_ms / requests if requests else None}
+
+
 def run_locust(args):
     """Runs Locust once; returns (exit code, summary dict, report prefix)."""
     refuse_remote(args)
@@ -52,13 +100,16 @@ def run_locust(args):
     prefix = results / args.name
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", args.host,
                "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.run_time,
-               "--stop-timeout", "30", "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
+               "--stop-timeout", "30", "--csv", str(prefix), "--html", f"{prefix}.html", "--json-file", str(prefix),
+               "--only-summary",
                "--loglevel", "WARNING", "--model", args.model, "--state-dir", str(args.state_dir),
                "--mix", args.mix, "--rate", str(args.rate), "--max-p95-ms", str(args.max_p95_ms)]
     if args.photos:
         command += ["--photos", args.photos]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     code = subprocess.run(command, cwd=ROOT, env=env).returncode
+    if Path(f"{prefix}.json").exists():
+        return code, read_final_summary(prefix, timespan_seconds(args.run_time)), prefix
     stats = Path(f"{prefix}_stats.csv")
     return code, read_summary(stats) if stats.exists() else {}, prefix
 

@@ -64,12 +64,27 @@ def test_mismatched_manifest_fails_loudly(bundle_copy, changes, message):
         load_bundle(bundle_copy)
 
 
+def test_a_reordered_catalogue_with_the_same_rows_fails(bundle_copy):
+    items = read_csv(bundle_copy / "catalogue.csv")
+    write_csv(items[1:] + items[:1], bundle_copy / "catalogue.csv")  # same rows, ids no longer match the vectors
+    with pytest.raises(BundleError, match="catalogue.csv does not match the checksum"):
+        load_bundle(bundle_copy)
+
+
+def test_a_manifest_without_the_catalogue_checksum_fails(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    del manifest["catalogue_sha256"]
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="no catalogue_sha256 .*rebuild the bundle"):
+        load_bundle(bundle_copy)
+
+
 def test_missing_file_or_fewer_rows_than_vectors_fails(bundle_copy):
     items = read_csv(bundle_copy / "catalogue.csv")
     write_csv(items[:-1], bundle_copy / "catalogue.csv")
     edit_manifest(bundle_copy, num_items=23)
     with pytest.raises(BundleError, match="24 vectors but the catalogue has 23"):
-        load_bundle(bundle_copy)
+        load_bundle(bundle_copy, verify_checksums=False)
     (bundle_copy / "catalogue.faiss").unlink()
     with pytest.raises(BundleError, match="lacks catalogue.faiss"):
         load_bundle(bundle_copy)

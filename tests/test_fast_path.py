@@ -3,8 +3,10 @@
 CUDA-only settings are tested on CUDA and skipped elsewhere, never imitated on the CPU.
 """
 import json
+import os
 import zipfile
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,8 @@ from serving.build_archive import main as build_archive
 from tests.fixtures import encode, product_photo
 from visual_search.bundle import load_bundle
 from visual_search.images import InputError, decode_image
-from visual_search.runtime import Runtime, RuntimeSettings
+from visual_search.runtime import Runtime, RuntimeSettings, share_cores
+from visual_search.service_io import Limits
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="fp16/bf16 and GPU JPEG decoding apply on CUDA only; no GPU here")
@@ -44,6 +47,18 @@ def test_cuda_only_settings_are_dropped_on_the_cpu_with_a_reason():
         RuntimeSettings.from_dict({"precision": "fp8"})
 
 
+def test_each_worker_sizes_torch_and_faiss_threads_to_its_share_of_the_cores():
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        assert share_cores(2) == max(1, cores // 2) == torch.get_num_threads() == faiss.omp_get_max_threads()
+        assert share_cores(cores * 4) == 1 == torch.get_num_threads() == faiss.omp_get_max_threads()
+        assert share_cores(1, threads=3) == 3 == torch.get_num_threads() == faiss.omp_get_max_threads()
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+
+
 def test_archive_carries_the_runtime_section_and_the_cpu_handler_runs_fp32(fast_bundle, tmp_path, photos):
     build_archive(["--bundle", str(fast_bundle), "--name", "fast", "--model-store", str(tmp_path / "store"),
                    "--precision", "bf16", "--channels-last", "--gpu-decode", "--batch-size", "4"])
@@ -63,15 +78,38 @@ def test_channels_last_keeps_the_top4_neighbours(fast_bundle, photos):
     assert result["top_k_agreement"] == 1.0 and result["min_cosine"] > 0.9999
 
 
+def test_uploads_are_decoded_shrunk_towards_the_input_size(fast_bundle):
+    """A batch holds images a little over the model's input, never full-size photos (peak memory per batch)."""
+    runtime = Runtime(load_bundle(fast_bundle), "cpu")
+    for body in (product_jpeg(1, (2000, 1500)), encode(product_photo("bags", 1, size=(2000, 1500)), "PNG")):
+        image = runtime.decode_images(body)
+        assert 32 <= min(image.size) < 64 and max(image.size) < 2 * 64, image.size
+    queries, errors, batch = runtime.prepare([{"body": product_jpeg(2, (2000, 1500))}], [{}], Limits(4, 4))
+    assert errors == [None] and batch.shape == (1, 3, 32, 32)
+
+
+def bogus_huffman_table(jpeg):
+    """A JPEG whose header PIL reads but whose Huffman table libjpeg refuses: the batch decoder fails on it."""
+    data = bytearray(jpeg)
+    table = data.find(b"\xff\xc4")
+    data[table + 5:table + 21] = b"\xff" * 16  # the counts of codes per length
+    return bytes(data)
+
+
 def test_batch_jpeg_decoder_matches_pil_and_falls_back(fast_bundle, photos):
     """The batch decoder's code path, run with torchvision's CPU decoder: same tensors as the PIL path within
-    JPEG decoder differences; a truncated JPEG and a PNG go through PIL, which refuses or accepts them."""
+    JPEG decoder differences. A PNG goes through PIL; a JPEG the batch decoder refuses goes through PIL too, which
+    refuses it as well, for that entry alone; a JPEG cut short (EOI put back) decodes as far as it goes."""
     runtime = Runtime(load_bundle(fast_bundle), "cpu", RuntimeSettings(gpu_decode=True))
     png = encode(product_photo("bags", 5, size=(50, 40)), "PNG")
-    images = [runtime.decode_images(b) for b in (photos[0], photos[1], png)]
-    assert isinstance(images[0], bytes) and not isinstance(images[2], bytes)
-    decoded = runtime.decode_jpegs(images + [photos[2][: len(photos[2]) - 200] + b"\xff\xd9"])
-    assert isinstance(decoded[3], (InputError, torch.Tensor))  # refused, or decoded as far as it goes
+    bogus = bogus_huffman_table(photos[3])
+    images = [runtime.decode_images(b) for b in (photos[0], photos[1], png, bogus)]
+    assert [isinstance(image, bytes) for image in images] == [True, True, False, True]
+    assert images[2].mode == "RGB"  # the PNG was decoded by PIL
+    cut_short = photos[2][: len(photos[2]) - 200] + b"\xff\xd9"
+    decoded = runtime.decode_jpegs(images + [cut_short])
+    assert isinstance(decoded[3], InputError) and "corrupt" in decoded[3].reason and decoded[3].status == 400
+    assert isinstance(decoded[4], torch.Tensor) and decoded[4].shape == (3, *SIZE[::-1])
     fast = runtime.to_batch(decoded[:3])
     slow = runtime.to_batch([decode_image(b) for b in (photos[0], photos[1], png)])
     assert fast.shape == slow.shape == (3, 3, 32, 32)
@@ -102,7 +140,7 @@ def test_compile_happens_at_load_time(fast_bundle, photos):
     assert compiled_at_load > graphs_before, "nothing was compiled while loading"
     for size in (3, 1, 4):  # request batches of other sizes reuse the graphs compiled at load
         rows = [{"body": p} for p in photos[:size]]
-        _, _, batch = runtime.prepare(rows, [{}] * size, 4, 4)
+        _, _, batch = runtime.prepare(rows, [{}] * size, Limits(4, 4))
         embeddings, _ = runtime.embed(batch)
         assert np.isfinite(embeddings).all() and embeddings.shape == (size, 2048)
     assert counters["stats"]["unique_graphs"] == compiled_at_load, "a request triggered a compile"

@@ -1,25 +1,5 @@
 """The handler's own metrics reach TorchServe's Prometheus endpoint: stage times, batch size, rejections by reason."""
-import re
-
-import requests
-
-from tests.test_serving import photo_bytes, predict
-
-
-def scrape(server):
-    response = requests.get(f"{server.urls['metrics']}/metrics", timeout=30)
-    assert response.status_code == 200
-    return response.text
-
-
-def value(text, name, **labels):
-    """Sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{name}(?:_total)?(?:{{(.*)}})?\s+(\S+)$", line)
-        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
+from tests.test_serving import photo_bytes, predict, scrape, value
 
 
 def test_stage_times_batch_sizes_and_rejections_are_exported(torchserve):
@@ -35,6 +15,10 @@ def test_stage_times_batch_sizes_and_rejections_are_exported(torchserve):
         name = f"VisualSearch{stage}Time"
         assert value(after, f"{name}_count") > value(before, f"{name}_count"), f"{name} missing:\n{after}"
         assert value(after, f"{name}_sum") > value(before, f"{name}_sum")
+        # Recorded in seconds, so that they fall inside the buckets (0.005 s to 10 s) and quantiles mean something.
+        grown = value(after, f"{name}_count") - value(before, f"{name}_count")
+        inside = value(after, f"{name}_bucket", le="10.0") - value(before, f"{name}_bucket", le="10.0")
+        assert inside == grown, f"{name}: {grown - inside} of {grown} batches over 10 (ms recorded as seconds?)"
     assert value(after, "VisualSearchBatchSize_count") >= value(before, "VisualSearchBatchSize_count") + 5
     for reason in ("not_image", "empty", "bad_parameter"):
         grown = value(after, "VisualSearchRejected", Reason=reason) - value(before, "VisualSearchRejected",

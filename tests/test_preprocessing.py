@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import MODEL_NAME
+from tests.fixtures import encode, product_photo
 from visual_search.catalogue import scan_folder
 from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
 from visual_search.dataset import ItemDataset
@@ -28,7 +29,7 @@ HANDLER_SCRIPT = textwrap.dedent("""
     handler.context = context
     rows = [{"body": open(path, "rb").read()} for path in sys.argv[3:]]
     context.request_processor = [RequestProcessor({}) for _ in rows]
-    queries, errors, batch = handler.preprocess(rows)
+    kinds, queries, errors, batch = handler.preprocess(rows)
     torch.save(batch, sys.argv[2])
 """)
 
@@ -42,16 +43,22 @@ def unpacked_archive(model_store, tmp_path_factory):
 
 
 def test_handler_tensor_equals_training_eval_tensor(unpacked_archive, trained_run, photo_dir, tmp_path):
+    """Catalogue photos, and large ones that both sides shrink while decoding, give the very same tensor."""
     _, categories, settings = model_from_checkpoint(load_checkpoint(trained_run / "last.pt"))
-    items = scan_folder(photo_dir)[::5]
-    training_side = torch.stack([ItemDataset(photo_dir, items, eval_transform(settings), categories)[i][0]
-                                 for i in range(len(items))])
+    large = tmp_path / "large"
+    for fmt, suffix in (("JPEG", ".jpg"), ("PNG", ".png")):
+        (large / "shoes").mkdir(parents=True, exist_ok=True)
+        (large / "shoes" / f"big-{fmt}{suffix}").write_bytes(encode(product_photo("shoes", 5, size=(1200, 900)), fmt))
+    cases = [(photo_dir, it) for it in scan_folder(photo_dir)[::5]] + [(large, it) for it in scan_folder(large)]
+    training_side = torch.stack([
+        ItemDataset(root, [it], eval_transform(settings), categories, decode_size=settings.image_size)[0][0]
+        for root, it in cases])
     out = tmp_path / "batch.pt"
     subprocess.run([sys.executable, "-c", HANDLER_SCRIPT, str(unpacked_archive), str(out),
-                    *[str(photo_dir / it.image) for it in items]],
+                    *[str(root / it.image) for root, it in cases]],
                    cwd=unpacked_archive, env={"PYTHONPATH": str(unpacked_archive), "PATH": ""}, check=True)
     serving_side = torch.load(out, weights_only=True)
-    assert serving_side.shape == training_side.shape == (len(items), 3, 32, 32)
+    assert serving_side.shape == training_side.shape == (len(cases), 3, 32, 32)
     assert torch.equal(serving_side, training_side)
 
 

@@ -1,9 +1,11 @@
 """Versions through TorchServe's management API, on a TorchServe of this module's own: catalogue updates packed as
 new versions, register / set-default / rollback / scale / unregister under a steady load, and the tool's errors."""
 import json
+import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -12,29 +14,37 @@ from serving.management import ManagementClient, ManagementError
 from serving.steady_load import SteadyLoad, main as steady_load
 from serving.torchserve import free_port
 from tests.fixtures import CATEGORIES, encode, product_photo, running_torchserve
+from training.build_index import EMBEDDINGS_FILE
 from training.update_catalogue import main as update_catalogue
+from visual_search.catalogue import read_csv
 
 MODEL = "versioned-search"
 ARCHIVE_OPTIONS = ["--batch-size", "4", "--max-batch-delay", "20", "--startup-timeout", "120"]
 
 
+def new_photos(folder, prefix, seed):
+    """folder/<category>/<prefix>-<category>.png: one new product photo per category."""
+    for c, category in enumerate(CATEGORIES):
+        (folder / category).mkdir(parents=True)
+        (folder / category / f"{prefix}-{category}.png").write_bytes(encode(product_photo(category, seed=seed + c)))
+    return folder
+
+
 @pytest.fixture(scope="module")
-def versions(bundle_dir, tmp_path_factory):
+def versions(bundle_dir, photo_dir, tmp_path_factory):
     """Two archives of one model: v1 = the session bundle, v2 = v1 plus one new photo per category."""
     root = tmp_path_factory.mktemp("versions")
-    store, added = root / "store", root / "new_photos"
-    for c, category in enumerate(CATEGORIES):
-        (added / category).mkdir(parents=True)
-        (added / category / f"added-{category}.png").write_bytes(encode(product_photo(category, seed=7000 + c)))
+    store, added, catalogue = root / "store", new_photos(root / "new_photos", "added", 7000), root / "catalogue"
+    shutil.copytree(photo_dir, catalogue)  # the catalogue image folder, which --add copies new photos into
     common = ["--name", MODEL, "--model-store", str(store), "--embed-batch-size", "8"]
-    update_catalogue([*common, "--bundle", str(bundle_dir), *ARCHIVE_OPTIONS])
+    update_catalogue([*common, "--bundle", str(bundle_dir), "--data-dir", str(catalogue), *ARCHIVE_OPTIONS])
     update_catalogue([*common, "--add", str(added), "--out-dir", str(root / "bundle-v2")])
     record = json.loads((store / f"{MODEL}.versions.json").read_text())
     catalogues = {}
     for entry in record["versions"]:
         lines = (Path(entry["bundle"]) / "catalogue.csv").read_text().splitlines()[1:]
         catalogues[entry["version"]] = {line.split(",")[0] for line in lines}
-    return {"store": store, "record": record, "catalogues": catalogues, "root": root,
+    return {"store": store, "record": record, "catalogues": catalogues, "root": root, "catalogue": catalogue,
             "added": {f"added-{c}" for c in CATEGORIES}}
 
 
@@ -69,17 +79,20 @@ def test_catalogue_updates_are_numbered_and_recorded(versions):
     assert v1["weights_sha256"] == v2["weights_sha256"] and v1["index_sha256"] != v2["index_sha256"]
     assert all((versions["store"] / v["archive"]).is_file() and v["built"] for v in (v1, v2))
     assert versions["catalogues"]["2.0"] - versions["catalogues"]["1.0"] == versions["added"]
-    rows = (Path(v2["bundle"]) / "catalogue.csv").read_text().splitlines()
-    added_refs = [row.split(",")[2] for row in rows if row.startswith("added-")]
-    new_photos = (versions["root"] / "new_photos").as_posix()
-    assert sorted(added_refs) == [f"{new_photos}/{c}/added-{c}.png" for c in CATEGORIES]  # the file it came from
+    assert v1["data_dir"] == v2["data_dir"] == str(versions["catalogue"].resolve())
+    # One rule: every image reference is relative to the catalogue image folder, and the file is there.
+    items = read_csv(Path(v2["bundle"]) / "catalogue.csv")
+    assert [it.image for it in items if it.id.startswith("added-")] == [f"{c}/added-{c}.png" for c in CATEGORIES]
+    for it in items:
+        assert not Path(it.image).is_absolute() and (versions["catalogue"] / it.image).is_file(), it
 
 
 def test_remove_by_id_and_bad_updates(versions):
     store, root = str(versions["store"]), versions["root"]
     common = ["--name", MODEL, "--model-store", store, "--out-dir", str(root / "bundle-v3")]
     for argv, message in (([], "nothing to change"), (["--remove", "no-such-id"], "no-such-id"),
-                          (["--add", str(root / "missing")], "not found")):
+                          (["--add", str(root / "missing")], "not found"),
+                          (["--add", str(root / "new_photos")], "ids already in the catalogue: added-bags")):
         with pytest.raises(SystemExit, match=message):
             update_catalogue([*common, *argv])
     removed = sorted(versions["added"])[:1] + [sorted(versions["catalogues"]["1.0"])[0]]
@@ -88,6 +101,52 @@ def test_remove_by_id_and_bad_updates(versions):
     assert entry["archive_options"] == ARCHIVE_OPTIONS and "removed 2 item(s)" in entry["change"]
     ids = {line.split(",")[0] for line in (root / "bundle-v3" / "catalogue.csv").read_text().splitlines()[1:]}
     assert ids == versions["catalogues"]["2.0"] - set(removed)
+
+
+def test_readme_update_sequence_add_remove_retrain(bundle_dir, photo_dir, trained_run, tmp_path):
+    """README's step 2 in order: --add (twice, once with a URL prefix), --remove, then --checkpoint, which re-embeds
+    every item, old and added, from the one catalogue image folder."""
+    catalogue = tmp_path / "catalogue"
+    shutil.copytree(photo_dir, catalogue)
+    common = ["--name", "readme-search", "--model-store", str(tmp_path / "store"), "--embed-batch-size", "8",
+              *ARCHIVE_OPTIONS]
+    update_catalogue([*common, "--bundle", str(bundle_dir), "--data-dir", str(catalogue)])
+    update_catalogue([*common, "--add", str(new_photos(tmp_path / "new", "new", 8000))])
+    cdn = "https://cdn.example.com/products/"
+    update_catalogue([*common, "--add", str(new_photos(tmp_path / "cdn", "cdn", 9000)), "--image-prefix", cdn])
+    update_catalogue([*common, "--remove", "new-bags", "bags-00"])
+    entry = update_catalogue([*common, "--checkpoint", str(trained_run / "last.pt"), "--data-dir", str(catalogue)])
+
+    assert entry["version"] == "5.0" and entry["items"] == 24 + 3 + 3 - 2
+    bundle = Path(entry["bundle"])
+    items = {it.id: it.image for it in read_csv(bundle / "catalogue.csv")}
+    assert items["new-shoes"] == "shoes/new-shoes.png" and items["cdn-shoes"] == f"{cdn}shoes/cdn-shoes.png"
+    assert "new-bags" not in items and "bags-00" not in items
+    for category in CATEGORIES:  # copied into the catalogue image folder, byte for byte
+        for prefix, folder in (("new", tmp_path / "new"), ("cdn", tmp_path / "cdn")):
+            name = f"{category}/{prefix}-{category}.png"
+            assert (catalogue / name).read_bytes() == (folder / name).read_bytes()
+    # The same weights re-embedded every item from the folder: the vectors match the ones kept before.
+    before = np.load(Path(json.loads((tmp_path / "store" / "readme-search.versions.json").read_text())
+                          ["versions"][3]["bundle"]) / EMBEDDINGS_FILE)
+    assert np.allclose(np.load(bundle / EMBEDDINGS_FILE), before, atol=1e-4)
+
+    clash = tmp_path / "clash" / "bags"  # bags-00 is out of the catalogue, but its photo is still in the folder
+    clash.mkdir(parents=True)
+    (clash / "bags-00.png").write_bytes(encode(product_photo("bags", seed=10)))  # another photo, the same name
+    with pytest.raises(SystemExit, match="different file is already in the catalogue image folder"):
+        update_catalogue([*common, "--add", str(clash.parent)])
+    assert (catalogue / "bags" / "bags-00.png").read_bytes() == (photo_dir / "bags" / "bags-00.png").read_bytes()
+
+
+def test_add_without_a_catalogue_image_folder_says_what_to_pass(bundle_dir, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "image_root": None}))  # a bundle that has none
+    common = ["--name", "no-folder", "--model-store", str(tmp_path / "store"), *ARCHIVE_OPTIONS]
+    with pytest.raises(SystemExit, match="--add needs the catalogue image folder.*pass --data-dir"):
+        update_catalogue([*common, "--bundle", str(bundle), "--add", str(new_photos(tmp_path / "n", "n", 1))])
 
 
 def test_each_version_answers_from_its_own_catalogue(server, client, versions):

@@ -2,7 +2,9 @@
 
     python -m training.evaluate --bundle runs/x/bundle --data-dir data/photos --queries runs/x/val.csv
 
-precision@k: the share of a query's k nearest catalogue items that are in the query's category.
+precision@k: the share of a query's k nearest catalogue items that are in the query's category. An approximate
+index (HNSW, IVF) can return fewer than k items for a query; only the items it returned count, a missing one
+counts as a miss, and the number of such queries is reported as queries_short_of_k.
 """
 import argparse
 import json
@@ -31,12 +33,15 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def retrieval_metrics(query_categories, neighbour_categories):
-    """precision@k overall and per category, from [Q] query and [Q, k] neighbour category arrays."""
-    hits = neighbour_categories == query_categories[:, None]
-    per_query = hits.mean(axis=1)
-    per_category = {c: float(per_query[query_categories == c].mean()) for c in sorted(set(query_categories))}
-    return float(per_query.mean()), per_category
+def retrieval_metrics(query_categories, catalogue_categories, positions):
+    """(precision@k overall, per category, number of queries that got fewer than k results) from [Q] query
+    categories, [N] catalogue categories and FAISS's [Q, k] positions, where -1 marks a missing result."""
+    found = positions >= 0
+    neighbour_categories = np.where(found, catalogue_categories[np.where(found, positions, 0)], None)
+    hits = found & (neighbour_categories == query_categories[:, None])
+    per_query = hits.sum(axis=1) / positions.shape[1]
+    per_category = {str(c): float(per_query[query_categories == c].mean()) for c in sorted(set(query_categories))}
+    return float(per_query.mean()), per_category, int((~found).any(axis=1).sum())
 
 
 def main(argv=None):
@@ -50,7 +55,7 @@ def main(argv=None):
     _, positions = search(bundle.index, embeddings, args.k)
     catalogue_categories = np.array([it.category for it in bundle.items])
     query_categories = np.array([it.category for it in queries])
-    precision, per_category = retrieval_metrics(query_categories, catalogue_categories[positions])
+    precision, per_category, short = retrieval_metrics(query_categories, catalogue_categories, positions)
     predicted = np.array(bundle.categories)[logits.argmax(axis=1)]
     results = {
         "queries": len(queries),
@@ -59,12 +64,16 @@ def main(argv=None):
         "test_accuracy": float((predicted == query_categories).mean()),
         f"precision_at_{args.k}": precision,
         f"precision_at_{args.k}_per_category": per_category,
+        "queries_short_of_k": short,
         "image_size": bundle.preprocess.image_size,
     }
     out = Path(args.out) if args.out else Path(args.bundle) / "evaluation.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"test accuracy {results['test_accuracy']:.4f} | precision@{args.k} {precision:.4f} "
           f"({len(queries)} queries, {len(bundle.items)} catalogue items) -> {out}")
+    if short:
+        print(f"warning: {short} of {len(queries)} queries got fewer than {args.k} results from the "
+              f"{bundle.manifest['index_factory']} index; each missing one counted as a miss")
     return results
 
 

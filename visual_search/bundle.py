@@ -2,8 +2,9 @@
 
     model.pt          ProductNet state dict (weights only)
     catalogue.faiss   FAISS index, row i = catalogue.csv row i
-    catalogue.csv     id, category, image
-    manifest.json     categories, preprocessing, index and runtime settings, counts, versions, checksums
+    catalogue.csv     id, category, image (relative to the catalogue image folder, or a URL)
+    manifest.json     categories, preprocessing, index and runtime settings, counts, versions, checksums of the
+                      other three files, and the catalogue image folder it was built from (image_root), if known
 """
 import hashlib
 import json
@@ -21,6 +22,7 @@ from .preprocessing import PreprocessSettings
 
 MODEL_FILE, INDEX_FILE, CATALOGUE_FILE, MANIFEST_FILE = "model.pt", "catalogue.faiss", "catalogue.csv", "manifest.json"
 BUNDLE_FILES = (MODEL_FILE, INDEX_FILE, CATALOGUE_FILE, MANIFEST_FILE)
+CHECKSUMS = {MODEL_FILE: "weights_sha256", INDEX_FILE: "index_sha256", CATALOGUE_FILE: "catalogue_sha256"}
 DEFAULT_RUNTIME = {"precision": "fp32", "channels_last": False, "compile": False, "gpu_decode": False}
 
 
@@ -57,7 +59,9 @@ class Bundle:
 
 
 def write_bundle(out_dir, *, model, categories, preprocess, index, items, index_factory, normalize,
-                 runtime=None, notes=""):
+                 runtime=None, notes="", image_root=None):
+    """Writes the four files; `image_root`, the folder the items' image references are relative to, is recorded
+    for later catalogue updates (training.update_catalogue)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if index.ntotal != len(items):
@@ -74,8 +78,8 @@ def write_bundle(out_dir, *, model, categories, preprocess, index, items, index_
         "normalize_embeddings": bool(normalize),
         "preprocess": preprocess.to_dict(),
         "runtime": {**DEFAULT_RUNTIME, **(runtime or {})},
-        "weights_sha256": sha256(out_dir / MODEL_FILE),
-        "index_sha256": sha256(out_dir / INDEX_FILE),
+        **{key: sha256(out_dir / name) for name, key in CHECKSUMS.items()},
+        "image_root": str(Path(image_root).resolve()) if image_root else None,
         "torch_version": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "notes": notes,
@@ -105,8 +109,11 @@ def load_bundle(bundle_dir, verify_checksums=True):
         raise BundleError(f"{bundle_dir} lacks {', '.join(missing)}")
     manifest = read_manifest(bundle_dir)
     if verify_checksums:
-        for name, key in ((MODEL_FILE, "weights_sha256"), (INDEX_FILE, "index_sha256")):
-            if sha256(bundle_dir / name) != manifest.get(key):
+        for name, key in CHECKSUMS.items():
+            if key not in manifest:
+                raise BundleError(f"{MANIFEST_FILE} has no {key} (written before {name} was checksummed): "
+                                  f"rebuild the bundle with training.build_index")
+            if sha256(bundle_dir / name) != manifest[key]:
                 raise BundleError(f"{name} does not match the checksum in {MANIFEST_FILE}")
     categories = manifest["categories"]
     if not categories or len(set(categories)) != len(categories):

@@ -1,4 +1,9 @@
-"""Decode untrusted image bytes or files to RGB, with a clear reason when they are not a usable image."""
+"""Decode untrusted image bytes or files to RGB, with a clear reason when they are not a usable image.
+
+Given the model's input side `size`, a large image is shrunk while it is decoded (JPEG's DCT scaling, `draft`) and
+right after (an integer box reduction), never below `size` on either side: a batch then holds small images, not
+full-resolution ones, and the transform's resize does the rest. Training and serving decode the same way.
+"""
 import io
 from pathlib import Path
 
@@ -36,8 +41,17 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def decode_image(data):
-    """Bytes of any common format (JPEG, PNG, WebP, GIF, BMP, TIFF) to an RGB PIL image."""
+def shrink(image, size):
+    """Box-reduces an RGB image by the largest whole factor that keeps both sides at `size` or more."""
+    factor = min(image.width // size, image.height // size)
+    return image.reduce(factor) if factor >= 2 else image
+
+
+def decode_image(data, size=None):
+    """Bytes of any common format (JPEG, PNG, WebP, GIF, BMP, TIFF) to an RGB PIL image.
+
+    `size`: the model's input side; larger images come back reduced, each side still `size` or more.
+    """
     if data is None or len(data) == 0:
         raise InputError("empty body: send the image bytes", label="empty")
     try:
@@ -46,7 +60,10 @@ def decode_image(data):
         if width * height > MAX_PIXELS:
             raise InputError(f"image is {width}x{height}, over the {MAX_PIXELS} pixel limit", status=413,
                              label="too_large")
+        if size and image.format == "JPEG":
+            image.draft(None, (size, size))  # decode at 1/2, 1/4 or 1/8 scale when that stays >= size
         image.load()  # reads the whole file: truncation shows up here
+        image = to_rgb(image)
     except InputError:
         raise
     except UnidentifiedImageError:
@@ -55,9 +72,9 @@ def decode_image(data):
         raise InputError(f"image too large: {error}", status=413, label="too_large") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise InputError(f"corrupt or truncated image: {error}", label="truncated") from None
-    return to_rgb(image)
+    return shrink(image, size) if size else image
 
 
-def open_image(path):
+def open_image(path, size=None):
     """An image file on disk to RGB, through the same decoder the service uses."""
-    return decode_image(Path(path).read_bytes())
+    return decode_image(Path(path).read_bytes(), size)

@@ -10,8 +10,10 @@ FAISS search moves to the GPU when the model runs on CUDA and a GPU build of FAI
 """
 import io
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import faiss
 import torch
@@ -21,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from .images import MAX_PIXELS, InputError, decode_image
 from .index import l2_normalize, search
 from .preprocessing import eval_transform
-from .service_io import parse_query
+from .service_io import Limits, parse_query
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,22 +61,32 @@ class RuntimeSettings:
         return RuntimeSettings(channels_last=self.channels_last, compile=self.compile), dropped
 
 
+def share_cores(workers, threads=None):
+    """Sizes this process's thread pools (torch's intra-op pool, FAISS's OpenMP) to its share of the cores it may
+    run on: `threads`, or cores // workers. Workers that each take every core fight over them. Returns the count."""
+    cores = len(os.sched_getaffinity(0))
+    threads = int(threads or max(1, cores // max(1, int(workers))))
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    return threads
+
+
 def is_complete_jpeg(data):
     """Starts with SOI and ends with EOI: a candidate for the batch decoder; anything else goes through PIL."""
     return len(data) > 4 and data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9"
 
 
-def jpeg_or_image(data):
+def jpeg_or_image(data, size=None):
     """Plain RGB or grey JPEG bytes are kept for the batch decoder (after a header check); else a PIL image."""
     if data is None or not is_complete_jpeg(data):
-        return decode_image(data)
+        return decode_image(data, size)
     try:
         with Image.open(io.BytesIO(data)) as header:
             width, height = header.size
             if header.format != "JPEG" or header.mode not in ("RGB", "L") or width * height > MAX_PIXELS:
-                return decode_image(data)
+                return decode_image(data, size)
     except (OSError, SyntaxError, ValueError):
-        return decode_image(data)
+        return decode_image(data, size)
     return bytes(data)
 
 
@@ -93,7 +105,9 @@ class Runtime:
         forward = model.embed_and_classify
         self.forward = torch.compile(forward) if self.settings.compile else forward
         self.index, self.gpu_resources = self._place_index(bundle.index)
-        self.decode_images = jpeg_or_image if self.settings.gpu_decode else decode_image
+        # each image is shrunk towards the input size as it is decoded, so a batch never holds full-size images
+        self.decode_images = partial(jpeg_or_image if self.settings.gpu_decode else decode_image,
+                                     size=self.image_size)
         self.warmup_seconds = self.warm_up(warmup_batch) if warmup_batch else 0.0
 
     def _place_index(self, index):
@@ -113,13 +127,15 @@ class Runtime:
             self.embed(torch.zeros(size, 3, self.image_size, self.image_size, device=self.device))
         return time.perf_counter() - start
 
-    def prepare(self, rows, headers, default_k, max_k):
-        """(queries, errors, batch) for one TorchServe batch: a Query or an InputError per row; `batch` stacks the
-        tensors of the valid rows, in their order, or is None."""
+    def prepare(self, rows, headers, limits=Limits(), skip=()):
+        """(queries, errors, batch) for one TorchServe batch: a Query or an InputError per row, None for the rows
+        in `skip`; `batch` stacks the tensors of the valid rows, in their order, or is None."""
         queries, errors = [None] * len(rows), [None] * len(rows)
         for i, (row, row_headers) in enumerate(zip(rows, headers)):
+            if i in skip:
+                continue
             try:
-                queries[i] = parse_query(row, row_headers, default_k, max_k, self.decode_images)
+                queries[i] = parse_query(row, row_headers, limits, self.decode_images)
             except InputError as error:
                 errors[i] = error
         valid = [i for i, query in enumerate(queries) if query is not None]
@@ -138,7 +154,7 @@ class Runtime:
         out = list(images)
         for i, tensor in zip(positions, self._decode_on_device([images[i] for i in positions])):
             try:
-                out[i] = tensor if tensor is not None else decode_image(images[i])
+                out[i] = tensor if tensor is not None else decode_image(images[i], self.image_size)
             except InputError as error:
                 out[i] = error
         return out

@@ -1,73 +1,182 @@
-"""What a TorchServe request row holds, and the JSON answers the handler returns.
+"""What a TorchServe request row holds, the parameters read from it, and the JSON answers the handler returns.
 
-A row is a dict: a raw body arrives as "body" (or "data"), a multipart part under its field name, and an
-application/json body already parsed into a dict under "body". Query strings reach the handler only through
-/models/{name}/invoke: TorchServe drops them on /predictions, so `k` and `output` can also come as form fields,
-JSON fields, or the headers X-Top-K and X-Output.
+A row is a dict. A raw body arrives as "body" (bytes; already parsed into a dict for application/json, a str for
+text/*). A multipart part, a query-string parameter (/models/{name}/invoke only: TorchServe drops query strings on
+/predictions) and a field of a form-encoded body arrive under their own names; a file part has a content type,
+a text field has none. The per-part content types and the HTTP headers come from the request's headers.
+
+Each parameter of PARAMETERS can come as its header, a form field, a query-string parameter or a JSON field; a
+later source overrides an earlier one in that order. Adding a parameter is one entry in that table.
 """
 import base64
 import binascii
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, field
 
 from .images import InputError, decode_image
 
+FORM_ENCODED = "application/x-www-form-urlencoded"
+IMAGE_FIELD = "image"
 OUTPUTS = ("similar", "embedding")
-PARAMETERS = ("k", "output")
-HEADERS = {"x-top-k": "k", "x-output": "output"}
+SEND_AN_IMAGE = ("send the photo as the raw body with its content type (curl -T photo.jpg, or "
+                 "-H 'Content-Type: image/jpeg' --data-binary @photo.jpg), as a multipart file field "
+                 "(-F image=@photo.jpg), or as JSON {\"image\": \"<base64>\"}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the archive allows: the k used when none is asked for, and the largest k."""
+    default_k: int = 4
+    max_k: int = 100
+
+
+def bad_parameter(message):
+    return InputError(message, label="bad_parameter")
+
+
+def read_output(value, limits, text):
+    if not isinstance(value, str) or value.strip().lower() not in OUTPUTS:
+        raise bad_parameter(f"output must be one of {', '.join(OUTPUTS)}, not {value!r}")
+    return value.strip().lower()
+
+
+def read_k(value, limits, text):
+    if text and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,9}\s*", value):
+        value = int(value)
+    elif text or type(value) is not int:  # JSON: a real integer; 2.9, true and "3" are refused, not converted
+        raise bad_parameter(f"k must be an integer, not {value!r}")
+    if not 1 <= value <= limits.max_k:
+        raise bad_parameter(f"k must be between 1 and {limits.max_k}, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Parameter:
+    header: str
+    read: object  # (value, Limits, text) -> the typed value; text: a str from a header, form field or query
+    #               string, else a JSON value
+    default: object  # Limits -> the value when the request gives none
+    applies: object = lambda params: True  # whether it is read at all, given the parameters read before it
+
+
+PARAMETERS = {  # read in this order
+    "output": Parameter("X-Output", read_output, lambda limits: "similar"),
+    "k": Parameter("X-Top-K", read_k, lambda limits: limits.default_k,
+                   applies=lambda params: params["output"] == "similar"),
+}
 
 
 @dataclass
 class Query:
-    image: object  # RGB PIL image, or JPEG bytes left for a batch decoder (visual_search.runtime)
-    k: int
-    output: str
+    image: object  # RGB PIL image, JPEG bytes left for a batch decoder, or a uint8 tensor (visual_search.runtime)
+    params: dict = field(default_factory=dict)
+
+    @property
+    def k(self):
+        return self.params.get("k")
+
+    @property
+    def output(self):
+        return self.params["output"]
 
 
 def _text(value):
-    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    return bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
 
 
-def _image_bytes(row):
-    body = row.get("body", row.get("data"))
-    if isinstance(body, dict):  # application/json
-        encoded = body.get("image")
-        if not isinstance(encoded, str):
-            raise InputError('JSON body needs "image": the image bytes in base64', label="bad_body")
-        try:
-            return base64.b64decode(encoded, validate=True), body
-        except (binascii.Error, ValueError):
-            raise InputError('"image" is not valid base64', label="bad_body") from None
-    if isinstance(body, (bytes, bytearray)):
-        return bytes(body), {}
-    if isinstance(body, str):
-        raise InputError("text body: send the image bytes, a multipart file, or JSON {\"image\": base64}", 415,
-                         label="bad_body")
-    files = [v for key, v in row.items() if key not in PARAMETERS and isinstance(v, (bytes, bytearray))]
-    if len(files) > 1:
-        raise InputError(f"{len(files)} files in one request: send one image per request", label="bad_body")
-    if files:
-        return bytes(files[0]), {}
-    if body is None:
-        raise InputError("empty request: send the image bytes as the body or as a multipart file", label="empty")
-    raise InputError(f"unsupported body of type {type(body).__name__}", label="bad_body")
+def split_headers(headers):
+    """(HTTP headers with lower-case names, {part name: its content type}) from one row's request headers."""
+    http, parts = {}, {}
+    for name, value in (headers or {}).items():
+        if isinstance(value, dict):
+            parts[name] = value.get("content-type") or ""
+        else:
+            http[name.lower()] = value
+    return http, parts
 
 
-def parse_query(row, headers, default_k, max_k, decode=decode_image):
-    """A request row (and its HTTP headers) to a Query; raises InputError with the reason for the client."""
-    data, json_params = _image_bytes(row)
-    params = {HEADERS[name.lower()]: value for name, value in headers.items() if name.lower() in HEADERS}
-    params.update({k: _text(row[k]) for k in PARAMETERS if k in row})
-    params.update({k: json_params[k] for k in PARAMETERS if k in json_params})
-    output = str(params.get("output", "similar")).lower()
-    if output not in OUTPUTS:
-        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, not {output!r}", label="bad_parameter")
+def mime_type(http):
+    return str(http.get("content-type", "")).split(";")[0].strip().lower()
+
+
+def _json_body(body):
+    if not isinstance(body, dict):
+        raise InputError('a JSON body must be an object: {"image": "<base64>", ...}', label="bad_body")
+    encoded = body.get(IMAGE_FIELD)
+    if not isinstance(encoded, str):
+        raise InputError('JSON body needs "image": the image bytes in base64', label="bad_body")
     try:
-        k = int(params.get("k", default_k))
-    except (TypeError, ValueError):
-        raise InputError(f"k must be an integer, not {params.get('k')!r}", label="bad_parameter") from None
-    if not 1 <= k <= max_k:
-        raise InputError(f"k must be between 1 and {max_k}, not {k}", label="bad_parameter")
-    return Query(image=decode(data), k=k, output=output)
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError('"image" is not valid base64', label="bad_body") from None
+
+
+def _raw_body(body, content_type):
+    if isinstance(body, (dict, list)):
+        return _json_body(body)
+    if isinstance(body, str):
+        raise InputError(f"a text body ({content_type or 'text'}) is not an image: {SEND_AN_IMAGE}", 415,
+                         label="bad_body")
+    if content_type == "application/json":  # TorchServe forwards JSON it cannot parse as bytes
+        raise InputError("the body is not valid JSON", label="bad_body")
+    return bytes(body)
+
+
+def image_and_fields(row, content_type, part_types):
+    """(image bytes or None, {field: value}) of a row: the raw body or the image part, and the other fields."""
+    fields = {name: value for name, value in row.items() if name not in ("body", "data")}
+    if content_type == FORM_ENCODED and set(fields) - set(PARAMETERS):
+        raise InputError("the body was sent form-encoded (application/x-www-form-urlencoded, curl's default for "
+                         f"--data-binary), which mangles image bytes: {SEND_AN_IMAGE}", 415, label="bad_body")
+    body = row.get("body", row.get("data"))
+    if body is not None:
+        return _raw_body(body, content_type), fields
+    if IMAGE_FIELD in fields:
+        image = fields.pop(IMAGE_FIELD)
+        if part_types.get(IMAGE_FIELD) == "application/json" or isinstance(image, (dict, list)):
+            return _json_body(image), fields
+        if not isinstance(image, (bytes, bytearray)):
+            raise InputError(f'the "{IMAGE_FIELD}" field is not an image file: {SEND_AN_IMAGE}', label="bad_body")
+        return bytes(image), fields
+    files = [name for name in fields if name not in PARAMETERS and part_types.get(name)]
+    if len(files) > 1:
+        raise InputError(f"{len(files)} files in one request ({', '.join(sorted(files))}): send one image per "
+                         f'request, in the field "{IMAGE_FIELD}"', label="bad_body")
+    if files:
+        return bytes(fields.pop(files[0])), fields
+    return None, fields
+
+
+def read_parameters(http, fields, json_fields, limits):
+    """The typed value of every parameter that applies: JSON field over form field or query over header."""
+    params = {}
+    for name, parameter in PARAMETERS.items():
+        if not parameter.applies(params):
+            continue
+        value, text = http.get(parameter.header.lower()), True
+        if name in fields:
+            value = _text(fields[name])
+        if name in json_fields:
+            value, text = json_fields[name], False
+        params[name] = parameter.default(limits) if value is None else parameter.read(value, limits, text)
+    return params
+
+
+def parse_query(row, headers, limits, decode=decode_image):
+    """A request row and its headers to a Query; raises InputError with the reason for the client."""
+    http, part_types = split_headers(headers)
+    data, fields = image_and_fields(row, mime_type(http), part_types)
+    body = row.get("body", row.get("data"))
+    params = read_parameters(http, fields, body if isinstance(body, dict) else {}, limits)
+    if data is None:  # a parameter that names what to search by instead of a photo would be checked here
+        raise InputError(f"no image in the request: {SEND_AN_IMAGE}", label="empty")
+    return Query(image=decode(data), params=params)
+
+
+def compact_json(answer):
+    """An answer as compact UTF-8 JSON bytes (TorchServe would pretty-print a dict)."""
+    return json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def error_answer(error):

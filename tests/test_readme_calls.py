@@ -1,0 +1,109 @@
+"""README's curl lines, read out of README.md and run as written (real curl, through bash) against a real
+TorchServe that serves the test model under README's model name. Only host:port is substituted.
+
+Each bash block of README that holds a curl line is run the way a reader types it: in a folder that holds
+`photo.jpg` and `.torchserve/key_file.json`, with the block's variable assignments (INFER=..., KEY=...) first.
+"""
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from loadtests.photos import product_jpeg
+from serving.build_archive import main as build_archive
+from tests.fixtures import running_torchserve
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+MODEL, VERSION = "visual-search", "2.0"  # README's name; 2.0 answers both /visual-search and /visual-search/2.0
+PORTS = {"8080": "inference", "8081": "management", "8082": "metrics"}
+STATUS_MARK = "\nHTTP_STATUS="
+
+
+def bash_blocks(text):
+    """The ```bash blocks of a markdown text, each as a list of commands (continuation lines joined)."""
+    blocks = []
+    for body in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+        joined = re.sub(r"\\\n\s*", " ", body)
+        blocks.append([line.strip() for line in joined.splitlines()
+                       if line.strip() and not line.strip().startswith("#")])
+    return blocks
+
+
+def readme_calls():
+    """[(prelude, command)]: every curl command of README, with the assignments of its block."""
+    calls = []
+    for block in bash_blocks(README.read_text()):
+        prelude = [line for line in block if re.match(r"^[A-Z_]+=", line)]
+        calls += [(prelude, line) for line in block if re.search(r"\bcurl\b", line)]
+    return calls
+
+
+CALLS = readme_calls()
+
+
+def test_readme_has_the_documented_calls():
+    """So that the test below cannot pass by finding nothing."""
+    inference = [c for _, c in CALLS if "/predictions/" in c or "/invoke" in c]
+    assert len(inference) >= 7, inference
+    assert any("X-Output: embedding" in c for c in inference) and any("-F image=@" in c for c in inference)
+    assert any("application/json" in c for c in inference) and any("/invoke?" in c for c in inference)
+
+
+@pytest.fixture(scope="module")
+def readme_server(bundle_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("readme-store")
+    build_archive(["--bundle", str(bundle_dir), "--name", MODEL, "--version", VERSION, "--model-store", str(store),
+                   "--batch-size", "4", "--max-batch-delay", "20", "--startup-timeout", "120"])
+    with running_torchserve(tmp_path_factory.mktemp("readme-ts"), store, [f"{MODEL}.mar"]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reader_dir(readme_server, tmp_path_factory):
+    """Where the reader types the commands: photo.jpg (a 640x480 camera photo) and .torchserve/ (the keys)."""
+    folder = tmp_path_factory.mktemp("reader")
+    (folder / "photo.jpg").write_bytes(product_jpeg(7, (640, 480)))
+    (folder / ".torchserve").symlink_to(readme_server.state_dir, target_is_directory=True)
+    assert (folder / ".torchserve" / "key_file.json").is_file()
+    # curl reads its settings from $CURL_HOME/.curlrc: the status is appended to the output, the lines stay as written
+    (folder / ".curlrc").write_text(f'write-out = "{STATUS_MARK.encode("unicode_escape").decode()}%{{http_code}}"\n')
+    return folder
+
+
+def run_as_typed(prelude, command, server, folder):
+    script = "\n".join(["set -e", *prelude, command])
+    for port, api in PORTS.items():
+        script = script.replace(f"127.0.0.1:{port}", server.urls[api].removeprefix("http://"))
+    env = {**os.environ, "CURL_HOME": str(folder), "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-c", script], cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (command, result.stderr)
+    body, _, status = result.stdout.rpartition(STATUS_MARK)
+    return int(status), body
+
+
+def expected_k(command):
+    match = re.search(r"X-Top-K: (\d+)|\bk=(\d+)|\"k\": (\d+)", command)
+    return int(next(g for g in match.groups() if g)) if match else 4
+
+
+@pytest.mark.parametrize("prelude, command", CALLS, ids=[f"line{i}" for i in range(len(CALLS))])
+def test_readme_curl_line_works_as_typed(readme_server, reader_dir, prelude, command):
+    status, body = run_as_typed(prelude, command, readme_server, reader_dir)
+    assert status == 200, (command, status, body[:500])
+    if "/metrics" in command:
+        assert "# TYPE" in body and "ts_inference_requests_total" in body
+        return
+    answer = json.loads(body)
+    if ":8081/" in command:
+        assert answer[0]["modelName"] == MODEL and answer[0]["workers"][0]["status"] == "READY"
+    elif "X-Output: embedding" in command:
+        assert answer["dim"] == len(answer["embedding"]) == 2048 and answer["model"] == MODEL
+    else:
+        k = expected_k(command)
+        assert answer["model"] == MODEL and answer["model_version"] == VERSION and answer["k"] == k
+        assert len(answer["neighbours"]) == k and all(not n["image"].startswith("/") for n in answer["neighbours"])
+        assert ", " not in body and "\n" not in body.strip()  # compact JSON

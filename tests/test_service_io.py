@@ -1,0 +1,86 @@
+"""Request rows as TorchServe's worker hands them to the handler: where the image is, and how parameters are read."""
+import base64
+
+import pytest
+
+from tests.fixtures import encode, product_photo
+from visual_search import service_io
+from visual_search.images import InputError
+from visual_search.service_io import Limits, Parameter, parse_query
+
+PHOTO = encode(product_photo("bags", 3, size=(40, 30)), "JPEG")
+LIMITS = Limits(default_k=4, max_k=10)
+
+
+def parse(row, headers=None):
+    return parse_query(row, headers or {}, LIMITS, decode=lambda data: data)
+
+
+def refused(row, headers=None):
+    with pytest.raises(InputError) as info:
+        parse(row, headers)
+    return info.value
+
+
+def test_the_image_comes_from_the_body_the_image_part_the_only_file_part_or_json():
+    assert parse({"body": bytearray(PHOTO)}).image == PHOTO
+    assert parse({"image": PHOTO, "k": b"2"}, {"image": {"content-type": ""}}).image == PHOTO
+    assert parse({"photo": PHOTO}, {"photo": {"content-type": "image/jpeg"}}).image == PHOTO
+    assert parse({"body": {"image": base64.b64encode(PHOTO).decode()}}).image == PHOTO
+
+
+def test_parameters_from_header_form_and_json_the_later_overriding_the_earlier():
+    assert parse({"body": PHOTO}).params == {"output": "similar", "k": 4}
+    assert parse({"body": PHOTO}, {"X-Top-K": "2"}).k == 2
+    assert parse({"body": PHOTO, "k": b"3"}, {"X-Top-K": "2"}).k == 3  # form field or query string
+    json_body = {"image": base64.b64encode(PHOTO).decode(), "k": 5, "output": "similar"}
+    assert parse({"body": json_body, "k": b"3"}, {"X-Top-K": "2"}).k == 5
+    assert parse({"body": PHOTO}, {"x-output": "EMBEDDING"}).params == {"output": "embedding"}
+
+
+@pytest.mark.parametrize("row, headers, status, reason", [
+    ({"body": {"image": "", "k": 2.9}}, {}, 400, "k must be an integer, not 2.9"),
+    ({"body": {"image": "", "k": True}}, {}, 400, "k must be an integer, not True"),
+    ({"body": {"image": "", "k": "3"}}, {}, 400, "k must be an integer, not '3'"),
+    ({"body": PHOTO}, {"X-Top-K": "2.9"}, 400, "k must be an integer, not '2.9'"),
+    ({"body": PHOTO}, {"X-Top-K": "11"}, 400, "k must be between 1 and 10, not 11"),
+    ({"body": PHOTO, "output": b"both"}, {}, 400, "output must be one of similar, embedding"),
+    ({"body": "some text"}, {"Content-Type": "text/plain"}, 415, "a text body (text/plain) is not an image"),
+    ({"body": b"{not json"}, {"Content-Type": "application/json"}, 400, "not valid JSON"),
+    ({"body": [1, 2]}, {}, 400, "a JSON body must be an object"),
+    ({"body": {"image": "***"}}, {}, 400, "not valid base64"),
+    ({"a": PHOTO, "b": PHOTO}, {"a": {"content-type": "image/jpeg"}, "b": {"content-type": "image/png"}}, 400,
+     "2 files in one request (a, b)"),
+    ({"k": b"3"}, {}, 400, "no image in the request"),
+    ({"\x89PNG\r\n": b"\x1a\n"}, {"Content-Type": "application/x-www-form-urlencoded"}, 415, "form-encoded"),
+])
+def test_bad_requests_are_refused_with_a_reason(row, headers, status, reason):
+    error = refused(row, headers)
+    assert error.status == status and reason in error.reason, error.reason
+
+
+def test_k_is_not_read_for_an_embedding():
+    assert parse({"body": PHOTO}, {"X-Output": "embedding", "X-Top-K": "0"}).params == {"output": "embedding"}
+    assert parse({"body": {"image": "", "output": "embedding", "k": 2.9}}).k is None
+
+
+def test_text_fields_are_not_files_and_unknown_ones_are_ignored():
+    query = parse({"image": PHOTO, "note": b"hi", "k": b"2"},
+                  {"image": {"content-type": "image/jpeg"}, "note": {"content-type": ""}, "k": {"content-type": ""}})
+    assert query.image == PHOTO and query.k == 2
+
+
+def test_a_form_with_parameters_only_is_not_a_mangled_image():
+    error = refused({"k": b"3"}, {"Content-Type": "application/x-www-form-urlencoded"})
+    assert error.status == 400 and "no image" in error.reason
+
+
+def test_a_new_parameter_is_one_table_entry(monkeypatch):
+    def read_colour(value, limits, text):
+        return value.lower()
+
+    monkeypatch.setitem(service_io.PARAMETERS, "colour", Parameter("X-Colour", read_colour, lambda limits: None))
+    assert parse({"body": PHOTO}, {"X-Colour": "Red"}).params["colour"] == "red"
+    assert parse({"body": PHOTO, "colour": b"Blue"}).params["colour"] == "blue"
+    assert parse({"body": {"image": "", "colour": "GREEN"}}).params["colour"] == "green"
+    assert parse({"body": PHOTO}).params["colour"] is None
