@@ -67,11 +67,19 @@ def machine():
 
 
 def build(args, tmp, photos):
-    bundle = synthetic_bundle(tmp / "bundle", args.image_size, photos[:16], catalogue_size=args.catalogue_size)
+    code = Path(args.code).resolve()
+    bundle = tmp / "bundle"
+    if code == ROOT:
+        synthetic_bundle(bundle, args.image_size, photos[:16], catalogue_size=args.catalogue_size)
+    else:  # the other checkout's own bundle format, from the same synthetic photos
+        make = (f"from benchmarks.inprocess import synthetic_bundle\nfrom loadtests.photos import load_photos\n"
+                f"synthetic_bundle({str(bundle)!r}, {args.image_size}, load_photos(count=32)[:16], "
+                f"catalogue_size={args.catalogue_size})")
+        subprocess.run([sys.executable, "-c", make], cwd=code, env={**os.environ, "PYTHONPATH": str(code)},
+                       check=True)
     options = ["--bundle", str(bundle), "--name", MODEL, "--model-store", str(tmp / "store"), "--batch-size",
                str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay), "--workers", str(args.workers),
                *args.runtime]
-    code = Path(args.code).resolve()
     if code == ROOT:
         build_archive(options)
     else:  # the other checkout's own packer, handler and package

@@ -66,7 +66,7 @@ def child(args):
     import torch  # noqa: PLC0415
 
     import visual_search  # noqa: PLC0415
-    from visual_search.bundle import load_bundle, write_bundle  # noqa: PLC0415
+    from visual_search import bundle as bundles  # noqa: PLC0415
     from visual_search.catalogue import Item  # noqa: PLC0415
     from visual_search.index import build_index, l2_normalize  # noqa: PLC0415
     from visual_search.model import ProductNet  # noqa: PLC0415
@@ -78,11 +78,14 @@ def child(args):
     jpeg = compressible_jpeg(width, height)
     with tempfile.TemporaryDirectory() as tmp:
         vectors = l2_normalize(np.random.default_rng(0).standard_normal((3, 2048), dtype=np.float32))
-        write_bundle(tmp, model=ProductNet(3), categories=["a", "b", "c"],
-                     preprocess=PreprocessSettings(image_size=args.image_size), index=build_index(vectors),
-                     items=[Item(f"i{n}", c, f"{c}/i{n}.jpg") for n, c in enumerate("abc")], index_factory="Flat",
-                     normalize=True)
-        runtime = Runtime(load_bundle(tmp), "cpu")
+        common = {"model": ProductNet(3), "categories": ["a", "b", "c"], "normalize": True,
+                  "preprocess": PreprocessSettings(image_size=args.image_size),
+                  "items": [Item(f"i{n}", c, f"{c}/i{n}.jpg") for n, c in enumerate("abc")]}
+        if hasattr(bundles, "publish_bundle"):  # a catalogue folder (this code)
+            bundles.publish_bundle(tmp, embeddings=vectors, progress=False, **common)
+        else:  # the bundle format before catalogue folders (--code of an older checkout)
+            bundles.write_bundle(tmp, index=build_index(vectors), index_factory="Flat", **common)
+        runtime = Runtime(bundles.load_bundle(tmp), "cpu")
     rows = [{"body": jpeg} for _ in range(args.images)]
     prepare(runtime, rows[:1])  # warm the code paths once
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visual_search.bundle import write_bundle
+from visual_search.bundle import publish_bundle
 from visual_search.catalogue import Item
 from visual_search.images import decode_image
-from visual_search.index import build_index, l2_normalize
+from visual_search.index import l2_normalize
 from visual_search.model import ProductNet
 from visual_search.preprocessing import PreprocessSettings, eval_transform
 
@@ -60,8 +60,9 @@ def synthetic_bundle(out_dir, image_size, calibration, catalogue_photos=(), cata
     embeddings = np.concatenate(vectors)
     items = [Item(f"item-{i:07d}", CATEGORIES[i % 3], f"{CATEGORIES[i % 3]}/item-{i:07d}.jpg")
              for i in range(len(embeddings))]
-    write_bundle(out_dir, model=model, categories=CATEGORIES, preprocess=preprocess, index=build_index(embeddings),
-                 items=items, index_factory="Flat", normalize=True, notes="synthetic benchmark bundle")
+    publish_bundle(out_dir, model=model, categories=CATEGORIES, preprocess=preprocess, items=items,
+                   embeddings=embeddings, normalize=True, profile="exact", notes="synthetic benchmark bundle",
+                   progress=False)
     return Path(out_dir)
 
 

@@ -23,7 +23,7 @@ from visual_search.service_io import Limits
 
 
 def run_path(bundle_dir, settings, device, queries, k, batch_size=64):
-    """(embeddings [N, 2048], top-k positions [N, k]) of `queries` (image bytes) through a Runtime."""
+    """(embeddings [N, 2048], top-k ids [N, k]) of `queries` (image bytes) through a Runtime."""
     runtime = Runtime(load_bundle(bundle_dir), device, settings, warmup_batch=min(batch_size, len(queries)))
     embeddings = []
     for start in range(0, len(queries), batch_size):
@@ -32,7 +32,11 @@ def run_path(bundle_dir, settings, device, queries, k, batch_size=64):
         assert not any(errors), errors
         embeddings.append(runtime.embed(batch)[0])
     embeddings = np.concatenate(embeddings)
-    return embeddings, runtime.search(embeddings, k)[1]
+    return embeddings, top_ids(runtime.catalogue, embeddings, k)
+
+
+def top_ids(catalogue, embeddings, k):
+    return np.array([[n.id for n in hits.neighbours] for hits in catalogue.search(embeddings, k)])
 
 
 def agreement(bundle_dir, queries, settings, device, k=4):

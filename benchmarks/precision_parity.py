@@ -11,10 +11,11 @@ import argparse
 import numpy as np
 import torch
 
+from benchmarks.parity import top_ids
 from visual_search.bundle import load_bundle
 from visual_search.catalogue import read_csv
 from visual_search.dataset import ItemDataset
-from visual_search.index import l2_normalize, search
+from visual_search.index import l2_normalize
 from visual_search.preprocessing import eval_transform
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,10 +47,10 @@ def main(argv=None):
                           decode_size=bundle.preprocess.image_size)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     reference = embeddings(args.bundle, images, torch.float32)
-    ref_top = search(bundle.index, reference, args.k)[1]
+    ref_top = top_ids(bundle.catalogue, reference, args.k)
     for name, dtype in DTYPES.items():
         fast = embeddings(args.bundle, images, dtype)
-        top = search(bundle.index, fast, args.k)[1]
+        top = top_ids(bundle.catalogue, fast, args.k)
         cosine = (fast * reference).sum(axis=1)
         print(f"{name}: {len(items)} queries, top-{args.k} same set "
               f"{np.mean([set(a) == set(b) for a, b in zip(ref_top, top)]):.3f}, same order "

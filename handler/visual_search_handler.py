@@ -1,7 +1,9 @@
 """TorchServe handler: an uploaded product photo -> its category and the most similar catalogue items.
 
-Everything it needs travels in the archive: the visual_search package, model.pt, catalogue.faiss,
-catalogue.csv and manifest.json (preprocessing, index and runtime settings), checked at load time.
+The archive carries the visual_search package, model.pt and manifest.json (preprocessing, runtime settings, the
+catalogue it expects), and the catalogue folder when it is bundled. A large catalogue stays outside the archive:
+model-config.yaml's handler.catalogue_dir names it, and every worker maps the same files read-only. Everything is
+checked at load time; any mismatch fails the load with a message naming it.
 
 Every row of a batch is answered on its own terms. TorchServe's BaseHandler.handle picks one path (predict,
 explain, describe) from the first row for the whole batch; this handler looks at each row instead, so an
@@ -15,7 +17,9 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from visual_search.bundle import load_bundle
-from visual_search.handler_metrics import record_batch, timed
+from visual_search.catalogue_filters import UnknownListingError
+from visual_search.catalogue_store import SearchRequest
+from visual_search.handler_metrics import record_batch, record_rejection, timed
 from visual_search.images import InputError
 from visual_search.runtime import Runtime, RuntimeSettings, share_cores
 from visual_search.service_io import Limits, compact_json, error_answer
@@ -30,6 +34,16 @@ def no_explanations():
                       label="explain")
 
 
+def search_error(error):
+    """A catalogue's refusal of one request as that request's InputError: 404 for an unknown listing id, 400 for a
+    filter that matches nothing or names an unknown category."""
+    if isinstance(error, UnknownListingError):
+        return InputError(str(error), 404, label="unknown_listing")
+    if isinstance(error, ValueError):
+        return InputError(str(error), 400, label="bad_filter")
+    raise error
+
+
 class VisualSearchHandler(BaseHandler):
     def initialize(self, context):
         properties = context.system_properties
@@ -37,7 +51,9 @@ class VisualSearchHandler(BaseHandler):
         settings = config.get("handler", {})
         workers = max(int(config.get("minWorkers", 1)), int(config.get("maxWorkers", 1)))
         self.threads = share_cores(workers, settings.get("threads"))
-        self.bundle = load_bundle(properties["model_dir"])  # raises, and the load fails, on any mismatch
+        # raises, and the load fails, on any mismatch
+        self.bundle = load_bundle(properties["model_dir"], catalogue_dir=settings.get("catalogue_dir"))
+        self.catalogue = self.bundle.catalogue
         gpu_id = properties.get("gpu_id")
         use_cuda = torch.cuda.is_available() and gpu_id is not None
         self.device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
@@ -46,14 +62,15 @@ class VisualSearchHandler(BaseHandler):
             log.info("runtime setting %s not applied: %s", name, why)
         self.runtime = Runtime(self.bundle, self.device, runtime, warmup_batch=int(config.get("batchSize", 1)))
         self.limits = Limits(default_k=int(settings.get("default_k", 4)),
-                             max_k=min(int(settings.get("max_k", 100)), len(self.bundle.items)))
+                             max_k=min(int(settings.get("max_k", 100)), self.catalogue.count))
         model = context.manifest.get("model", {})
         self.model_name, self.version = model.get("modelName"), model.get("modelVersion")
         self.categories = np.array(self.bundle.categories)
         self.initialized = True
-        log.info("loaded %s v%s: %d items, %s on %s, runtime %s, %d threads (warm-up %.1f s)", self.model_name,
-                 self.version, len(self.bundle.items), self.bundle.manifest["index_factory"], self.device,
-                 self.runtime.settings.to_dict(), self.threads, self.runtime.warmup_seconds)
+        log.info("loaded %s v%s: catalogue %s (%d items, %s) on %s, runtime %s, %d threads (warm-up %.1f s)",
+                 self.model_name, self.version, self.catalogue.folder, self.catalogue.count,
+                 self.catalogue.manifest["factory"], self.device, self.runtime.settings.to_dict(), self.threads,
+                 self.runtime.warmup_seconds)
 
     def _metrics(self):
         return getattr(self.context, "metrics", None)
@@ -87,30 +104,45 @@ class VisualSearchHandler(BaseHandler):
 
     def inference(self, prepared):
         kinds, queries, errors, batch = prepared
-        if batch is None:
-            return kinds, queries, errors, None, None, None
-        with timed(self._metrics(), "Inference"):
-            embeddings, probabilities = self.runtime.embed(batch)
-        k = max((q.k for q in queries if q is not None and q.output == "similar"), default=0)
-        with timed(self._metrics(), "Search"):
-            found = self.runtime.search(embeddings, k) if k else None
+        embeddings = probabilities = None
+        if batch is not None:
+            with timed(self._metrics(), "Inference"):
+                embeddings, probabilities = self.runtime.embed(batch)
+        photo_row, requests, rows = 0, [], []
+        for idx, query in enumerate(queries):
+            if query is None:
+                continue
+            vector = None
+            if query.image is not None:
+                query.row, photo_row = photo_row, photo_row + 1
+                vector = embeddings[query.row]
+            if query.output == "similar":
+                requests.append(SearchRequest(k=query.k, vector=vector, listing=query.listing,
+                                              categories=query.categories, exclude=query.exclude))
+                rows.append(idx)
+        found = [None] * len(queries)
+        if requests:
+            with timed(self._metrics(), "Search"):
+                for idx, hits in zip(rows, self.catalogue.answer(requests)):
+                    found[idx] = hits
         return kinds, queries, errors, embeddings, probabilities, found
 
     def postprocess(self, inferred):
         kinds, queries, errors, embeddings, probabilities, found = inferred
-        answers, row = [], 0
+        answers = []
         for idx, (kind, query, error) in enumerate(zip(kinds, queries, errors)):
+            if error is None and isinstance(found[idx], Exception):
+                error = search_error(found[idx])
+                record_rejection(self._metrics(), error)
             if error is not None:
                 self.context.set_response_status(error.status, error.reason, idx)
                 answer = error_answer(error)
             elif kind == "describe":
                 answer = self._description()
             elif query.output == "embedding":
-                answer = self._embedding_answer(embeddings[row])
-                row += 1
+                answer = self._embedding_answer(embeddings[query.row])
             else:
-                answer = self._similar_answer(query.k, probabilities[row], found[0][row], found[1][row])
-                row += 1
+                answer = self._similar_answer(found[idx], None if query.image is None else probabilities[query.row])
             self.context.set_response_content_type(idx, JSON)
             answers.append(compact_json(answer))
         return answers
@@ -123,20 +155,29 @@ class VisualSearchHandler(BaseHandler):
         return {**self._header(), "dim": int(embedding.shape[0]), "normalized": self.bundle.normalize,
                 "embedding": values}
 
-    def _similar_answer(self, k, probabilities, distances, positions):
-        best = int(probabilities.argmax())
-        neighbours = [
-            {"id": item.id, "category": item.category, "distance": round(float(distance), 6), "image": item.image}
-            for distance, position in zip(distances[:k], positions[:k]) if position >= 0
-            for item in (self.bundle.items[position],)
-        ]
-        return {**self._header(), "category": str(self.categories[best]),
-                "confidence": round(float(probabilities[best]), 6), "k": k, "neighbours": neighbours}
+    def _similar_answer(self, hits, probabilities):
+        """By photo: the predicted category and its confidence; by listing: the listing's own category."""
+        if probabilities is None:
+            category, confidence = hits.listing.category, None
+        else:
+            best = int(probabilities.argmax())
+            category, confidence = str(self.categories[best]), round(float(probabilities[best]), 6)
+        answer = {**self._header(), "category": category, "confidence": confidence, "k": hits.k,
+                  "neighbours": [{**n.to_dict(), "distance": round(n.distance, 6)} for n in hits.neighbours]}
+        if hits.listing is not None:
+            item = hits.listing
+            answer["listing"] = {"id": item.id, "category": item.category, "image": item.image}
+        return answer
 
     def _description(self):
         """What `GET /models/<name>?customized=true` shows as customizedMetadata."""
         manifest = self.bundle.manifest
-        return {**self._header(), "categories": list(self.bundle.categories), "items": len(self.bundle.items),
-                "index_factory": manifest["index_factory"], "embedding_dim": manifest["embedding_dim"],
+        catalogue = self.catalogue.manifest
+        return {**self._header(), "categories": list(self.bundle.categories), "items": catalogue["count"],
+                "catalogue": {"uid": catalogue["uid"], "version": catalogue.get("version"), "items": catalogue["count"],
+                              "categories": catalogue["categories"], "profile": catalogue["profile"],
+                              "factory": catalogue["factory"], "search": catalogue["search"],
+                              "bundled": manifest["catalogue"].get("bundled", False)},
+                "embedding_dim": manifest["embedding_dim"],
                 "preprocess": manifest["preprocess"], "runtime": self.runtime.settings.to_dict(),
                 "default_k": self.limits.default_k, "max_k": self.limits.max_k, "threads": self.threads}

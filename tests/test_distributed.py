@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -17,6 +16,7 @@ from tests.fixtures import IMAGE_SIZE, write_photo_folder
 from training.build_index import main as build_index
 from training.train import main as train
 from visual_search.catalogue import read_csv, scan_folder, split_items
+from visual_search.catalogue_store import open_catalogue
 from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
 from visual_search.dataset import ItemDataset
 from visual_search.model import build_model
@@ -143,14 +143,13 @@ def test_sharded_embedding_equals_one_process(ddp_run, photos, tmp_path):
     build_index([str(a) for a in args + ["--out-dir", tmp_path / "one"]])
     torchrun("training.build_index", *args, "--out-dir", tmp_path / "two")
     one, two = tmp_path / "one", tmp_path / "two"
-    assert (two / "catalogue.csv").read_text() == (one / "catalogue.csv").read_text()
-    assert [it.id for it in read_csv(two / "catalogue.csv")] == [it.id for it in read_csv(catalogue)]
+    items_one, items_two = (open_catalogue(folder / "catalogue") for folder in (one, two))
+    assert items_two.all_items() == items_one.all_items()
+    assert [it.id for it in items_two.all_items()] == [it.id for it in read_csv(catalogue)]
     a, b = np.load(one / "embeddings.npy"), np.load(two / "embeddings.npy")
     assert a.shape == b.shape == (17, 2048) and a.dtype == b.dtype == np.float32
     assert np.abs(a - b).max() <= 1e-5
     assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
-    index_one = faiss.read_index(str(one / "catalogue.faiss"))
-    index_two = faiss.read_index(str(two / "catalogue.faiss"))
-    assert index_one.ntotal == index_two.ntotal == 17
-    assert np.array_equal(index_one.search(a, 3)[1], index_two.search(a, 3)[1])
+    assert items_one.index.ntotal == items_two.index.ntotal == 17
+    assert np.array_equal(items_one.index.search(a, 3)[1], items_two.index.search(a, 3)[1])
     assert not list(two.glob("*.partial"))

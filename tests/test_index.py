@@ -48,3 +48,57 @@ def test_wrong_dimension_and_count_fail_loudly(vectors, tmp_path):
 def test_unit_length_rows():
     rows = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32))
     assert np.allclose(rows[0], [0.6, 0.8]) and np.allclose(rows[1], [0.0, 0.0])
+
+
+def test_profiles_are_chosen_by_size_and_carry_their_search_parameters():
+    from visual_search.index import ivf_lists, plan_index
+
+    assert plan_index(6000).profile == "exact" and plan_index(6000).factory == "Flat"
+    big = plan_index(1_000_000)
+    assert big.profile == "accurate" and big.factory == f"IVF{ivf_lists(1_000_000)},SQ8"
+    assert 1 <= big.search["nprobe"] <= ivf_lists(1_000_000) and big.search["k_factor"] >= 1
+    compact = plan_index(1_000_000, profile="compact")
+    assert compact.factory.startswith("PCA256,IVF") and compact.search["k_factor"] > big.search["k_factor"]
+    assert plan_index(200_000_000).profile == "compact" and "_HNSW32" in plan_index(200_000_000).factory
+    assert "quantizer_efSearch" in plan_index(200_000_000).search
+    assert plan_index(50_000, profile="accurate", search={"nprobe": 3}).search["nprobe"] == 3
+
+
+def test_any_factory_string_still_works_and_ivf_never_defaults_to_one_list():
+    from visual_search.index import plan_index
+
+    custom = plan_index(100_000, factory="IVF4096,PQ64")
+    assert custom.profile == "custom" and custom.search["nprobe"] == 64 and custom.search["k_factor"] == 2
+    assert plan_index(100_000, factory="IVF256,Flat").search == {"nprobe": 8}
+    assert plan_index(100_000, factory="HNSW32").search["efSearch"] == 64
+    with pytest.raises(ValueError, match="index_factory"):
+        plan_index(100, factory="NoSuchIndex42")
+    with pytest.raises(ValueError, match="unknown index profile 'fast'"):
+        plan_index(100, profile="fast")
+    with pytest.raises(ValueError, match="unknown search parameters"):
+        plan_index(100, search={"nprob": 4})
+    with pytest.raises(ValueError, match="positive integer"):
+        plan_index(100, search={"nprobe": 0})
+
+
+def test_legacy_ivf_bundles_save_a_useful_nprobe(vectors, tmp_path):
+    save_index(build_index(vectors, "IVF16,Flat"), tmp_path / "ivf.faiss")
+    assert faiss.extract_index_ivf(load_index(tmp_path / "ivf.faiss")).nprobe == 8
+
+
+def test_search_parameters_reach_the_ivf_inside_wrappers(vectors):
+    from visual_search.index import new_index, search_parameters
+
+    index = new_index("PCA64,IVF8,Flat")
+    index.train(vectors)
+    index.add_with_ids(vectors, np.arange(300, dtype=np.int64) * 10)
+    keep = np.arange(0, 3000, 20, dtype=np.int64)  # every other id
+    params, refs = search_parameters(index, faiss.IDSelectorBatch(keep), nprobe=8)
+    _, found = index.search(vectors[:5], 20, params=params)
+    assert (found >= 0).all() and np.isin(found, keep).all()
+    flat = new_index("Flat")
+    assert isinstance(flat, faiss.IndexIDMap)
+    flat.add_with_ids(vectors, np.arange(300, dtype=np.int64) + 1000)
+    params, refs = search_parameters(flat, faiss.IDSelectorRange(1000, 1010))
+    _, found = flat.search(vectors[:1], 20, params=params)
+    assert sorted(found[0][found[0] >= 0]) == list(range(1000, 1010))

@@ -12,6 +12,7 @@ from tests.fixtures import IMAGE_SIZE, encode, product_photo, write_photo_folder
 from training.build_index import main as build_index
 from training.train import main as train
 from visual_search.catalogue import read_csv, scan_folder, subsample, write_csv
+from visual_search.catalogue_store import open_catalogue
 from visual_search.checkpoint import save_checkpoint
 from visual_search.dataset import ItemDataset, UnreadablePhotoError
 from visual_search.model import build_model
@@ -96,7 +97,7 @@ def test_index_build_checks_the_catalogue_photos(photos, tmp_path):
     assert not (tmp_path / "refused" / "embeddings.npy").exists()
 
     manifest = build_index(common + ["--out-dir", str(tmp_path / "bundle"), "--skip-bad"])
-    ids = [it.id for it in read_csv(tmp_path / "bundle" / "catalogue.csv")]
+    ids = [it.id for it in open_catalogue(tmp_path / "bundle" / "catalogue").all_items()]
     assert manifest["num_items"] == len(ids) == 15 and not {"truncated", "garbage", "empty"} & set(ids)
     assert np.load(tmp_path / "bundle" / "embeddings.npy").shape == (15, 2048)
     assert (tmp_path / "bundle" / BAD_PHOTOS_FILE).read_text().count("\n") == 4

@@ -1,5 +1,6 @@
 """README's curl lines, read out of README.md and run as written (real curl, through bash) against a real
-TorchServe that serves the test model under README's model name. Only host:port is substituted.
+TorchServe that serves the test model under README's model name. Only host:port is substituted, and the demo
+catalogue's example listing id and categories, which the test catalogue does not have, by ones it has.
 
 Each bash block of README that holds a curl line is run the way a reader types it: in a folder that holds
 `photo.jpg` and `.torchserve/key_file.json`, with the block's variable assignments (INFER=..., KEY=...) first.
@@ -15,12 +16,14 @@ import pytest
 from loadtests.photos import product_jpeg
 from serving.build_archive import main as build_archive
 from tests.fixtures import running_torchserve
+from visual_search.bundle import load_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MODEL, VERSION = "visual-search", "2.0"  # README's name; 2.0 answers both /visual-search and /visual-search/2.0
 PORTS = {"8080": "inference", "8081": "management", "8082": "metrics"}
 STATUS_MARK = "\nHTTP_STATUS="
+DEMO_LISTING, DEMO_CATEGORIES = "fmnist-train-09615", {"coat,shirt": "shoes,bags", "category=coat": "category=shoes"}
 
 
 def bash_blocks(text):
@@ -48,7 +51,8 @@ CALLS = readme_calls()
 def test_readme_has_the_documented_calls():
     """So that the test below cannot pass by finding nothing."""
     inference = [c for _, c in CALLS if "/predictions/" in c or "/invoke" in c]
-    assert len(inference) >= 7, inference
+    assert len(inference) >= 10, inference
+    assert any("listing" in c for c in inference) and any("X-Category" in c for c in inference)
     assert any("X-Output: embedding" in c for c in inference) and any("-F image=@" in c for c in inference)
     assert any("application/json" in c for c in inference) and any("/invoke?" in c for c in inference)
 
@@ -74,8 +78,20 @@ def reader_dir(readme_server, tmp_path_factory):
     return folder
 
 
-def run_as_typed(prelude, command, server, folder):
-    script = "\n".join(["set -e", *prelude, command])
+@pytest.fixture(scope="module")
+def test_listing(bundle_dir):
+    """A shoe of the test catalogue, standing in for README's demo listing."""
+    catalogue = load_bundle(bundle_dir).catalogue
+    try:
+        return next(it for it in catalogue.all_items() if it.category == "shoes")
+    finally:
+        catalogue.close()
+
+
+def run_as_typed(prelude, command, server, folder, listing):
+    script = "\n".join(["set -e", *prelude, command]).replace(DEMO_LISTING, listing.id)
+    for demo, ours in DEMO_CATEGORIES.items():
+        script = script.replace(demo, ours)
     for port, api in PORTS.items():
         script = script.replace(f"127.0.0.1:{port}", server.urls[api].removeprefix("http://"))
     env = {**os.environ, "CURL_HOME": str(folder), "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
@@ -91,8 +107,8 @@ def expected_k(command):
 
 
 @pytest.mark.parametrize("prelude, command", CALLS, ids=[f"line{i}" for i in range(len(CALLS))])
-def test_readme_curl_line_works_as_typed(readme_server, reader_dir, prelude, command):
-    status, body = run_as_typed(prelude, command, readme_server, reader_dir)
+def test_readme_curl_line_works_as_typed(readme_server, reader_dir, test_listing, prelude, command):
+    status, body = run_as_typed(prelude, command, readme_server, reader_dir, test_listing)
     assert status == 200, (command, status, body[:500])
     if "/metrics" in command:
         assert "# TYPE" in body and "ts_inference_requests_total" in body
@@ -107,3 +123,12 @@ def test_readme_curl_line_works_as_typed(readme_server, reader_dir, prelude, com
         assert answer["model"] == MODEL and answer["model_version"] == VERSION and answer["k"] == k
         assert len(answer["neighbours"]) == k and all(not n["image"].startswith("/") for n in answer["neighbours"])
         assert ", " not in body and "\n" not in body.strip()  # compact JSON
+        ids = [n["id"] for n in answer["neighbours"]]
+        if DEMO_LISTING in command:  # by listing, or the listing excluded: never among the neighbours
+            assert test_listing.id not in ids
+        if "listing" in command:
+            assert answer["listing"]["id"] == test_listing.id and answer["confidence"] is None
+            assert answer["category"] == test_listing.category
+        for demo, ours in DEMO_CATEGORIES.items():
+            if demo in command:
+                assert {n["category"] for n in answer["neighbours"]} <= set(ours.split("=")[-1].split(","))

@@ -30,12 +30,13 @@ def test_the_image_comes_from_the_body_the_image_part_the_only_file_part_or_json
 
 
 def test_parameters_from_header_form_and_json_the_later_overriding_the_earlier():
-    assert parse({"body": PHOTO}).params == {"output": "similar", "k": 4}
+    assert parse({"body": PHOTO}).params == {"output": "similar", "k": 4, "category": (), "exclude": (),
+                                             "listing": None}
     assert parse({"body": PHOTO}, {"X-Top-K": "2"}).k == 2
     assert parse({"body": PHOTO, "k": b"3"}, {"X-Top-K": "2"}).k == 3  # form field or query string
     json_body = {"image": base64.b64encode(PHOTO).decode(), "k": 5, "output": "similar"}
     assert parse({"body": json_body, "k": b"3"}, {"X-Top-K": "2"}).k == 5
-    assert parse({"body": PHOTO}, {"x-output": "EMBEDDING"}).params == {"output": "embedding"}
+    assert parse({"body": PHOTO}, {"x-output": "EMBEDDING"}).params == {"output": "embedding", "listing": None}
 
 
 @pytest.mark.parametrize("row, headers, status, reason", [
@@ -53,6 +54,16 @@ def test_parameters_from_header_form_and_json_the_later_overriding_the_earlier()
      "2 files in one request (a, b)"),
     ({"k": b"3"}, {}, 400, "no image in the request"),
     ({"\x89PNG\r\n": b"\x1a\n"}, {"Content-Type": "application/x-www-form-urlencoded"}, 415, "form-encoded"),
+    ({"body": PHOTO}, {"X-Listing": "sku-1"}, 400, "a photo or a listing id to search by, not both"),
+    ({"body": {"listing": "sku-1", "output": "embedding"}}, {}, 400, "a listing can only be searched by"),
+    ({"body": {"listing": 7}}, {}, 400, "listing must be a catalogue id"),
+    ({"body": {"listing": "  "}}, {}, 400, "listing must be a catalogue id"),
+    ({"body": PHOTO}, {"X-Category": " , "}, 400, "category must name 1 to 100 values"),
+    ({"body": {"image": "", "category": ["shoes", 3]}}, {}, 400, "category must be a string or a list of strings"),
+    ({"body": {"image": "", "exclude": {"id": 1}}}, {}, 400, "exclude must be a string or a list of strings"),
+    ({"body": {"image": "", "exclude": [f"sku-{i}" for i in range(1001)]}}, {}, 400, "exclude must name 1 to 1000"),
+    ({"body": {"k": 3}}, {}, 400, "no image in the request"),
+    ({"body": b""}, {"Content-Type": "image/jpeg"}, 400, "no image in the request"),
 ])
 def test_bad_requests_are_refused_with_a_reason(row, headers, status, reason):
     error = refused(row, headers)
@@ -60,7 +71,8 @@ def test_bad_requests_are_refused_with_a_reason(row, headers, status, reason):
 
 
 def test_k_is_not_read_for_an_embedding():
-    assert parse({"body": PHOTO}, {"X-Output": "embedding", "X-Top-K": "0"}).params == {"output": "embedding"}
+    assert parse({"body": PHOTO}, {"X-Output": "embedding", "X-Top-K": "0"}).params == {"output": "embedding",
+                                                                                         "listing": None}
     assert parse({"body": {"image": "", "output": "embedding", "k": 2.9}}).k is None
 
 
@@ -84,3 +96,18 @@ def test_a_new_parameter_is_one_table_entry(monkeypatch):
     assert parse({"body": PHOTO, "colour": b"Blue"}).params["colour"] == "blue"
     assert parse({"body": {"image": "", "colour": "GREEN"}}).params["colour"] == "green"
     assert parse({"body": PHOTO}).params["colour"] is None
+
+
+def test_filters_and_listing_come_from_any_channel():
+    assert parse({"body": PHOTO}, {"X-Category": "shoes, bags,shoes", "X-Exclude": "sku-1"}).params == {
+        "output": "similar", "k": 4, "category": ("shoes", "bags"), "exclude": ("sku-1",), "listing": None}
+    form = parse({"image": PHOTO, "category": b"phones", "exclude": b"a,b"},
+                 {"image": {"content-type": "image/jpeg"}, "category": {"content-type": ""},
+                  "exclude": {"content-type": ""}})
+    assert form.categories == ("phones",) and form.exclude == ("a", "b")
+    by_json = parse({"body": {"listing": "sku-7", "category": "shoes", "exclude": ["sku-8"], "k": 2}})
+    assert by_json.image is None and by_json.listing == "sku-7" and by_json.k == 2
+    assert by_json.categories == ("shoes",) and by_json.exclude == ("sku-8",)
+    by_header = parse({"body": b""}, {"X-Listing": " sku-7 ", "Content-Type": "application/octet-stream"})
+    assert by_header.image is None and by_header.listing == "sku-7"
+    assert parse({"listing": b"sku-9"}, {"Content-Type": "application/x-www-form-urlencoded"}).listing == "sku-9"

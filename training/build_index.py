@@ -1,7 +1,12 @@
-"""Embed the catalogue with a trained checkpoint and write the search bundle (weights, FAISS index, metadata).
+"""Embed the catalogue with a trained checkpoint and write the search bundle (weights and catalogue folder).
 
     python -m training.build_index --checkpoint runs/x/best.pt --data-dir data/photos --out-dir runs/x/bundle
+    python -m training.build_index ... --profile compact --catalogue-dir /srv/catalogues/shop-v1  # outside
     torchrun --nproc-per-node 4 -m training.build_index ...        # each process embeds its share
+
+The catalogue folder (FAISS index, items, category bitmaps, stored vectors: visual_search.catalogue_store) goes
+inside the bundle as <out-dir>/catalogue, or with --catalogue-dir to a folder of its own that archives name
+instead of carrying. The index profile is chosen by catalogue size unless --profile or --factory says otherwise.
 
 The catalogue is the checkpoint's training split (train.csv beside it) unless --catalogue names a CSV or --all
 takes every image under --data-dir. Every photo is decoded once before embedding starts; unreadable ones stop
@@ -11,20 +16,21 @@ The embeddings are streamed into <out-dir>/embeddings.npy (float32 [N, 2048], ro
 torchrun each rank writes the rows of its contiguous share, then rank 0 builds the index from that file.
 """
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 
 from visual_search import EMBEDDING_DIM, distributed
-from visual_search.bundle import write_bundle
+from visual_search.bundle import publish_bundle
 from visual_search.catalogue import read_csv, scan_folder
 from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
 from visual_search.embedding import embed_items, iter_embeddings
-from visual_search.index import DEFAULT_FACTORY, build_index, l2_normalize
+from visual_search.index import PROFILES, l2_normalize
 from visual_search.model import pick_device
 from visual_search.photo_check import BadPhotosError, check_photos
 
-EMBEDDINGS_FILE = "embeddings.npy"  # beside the bundle, for catalogue updates; not shipped in the archive
+EMBEDDINGS_FILE = "embeddings.npy"  # beside the bundle, the publishing step's input; not shipped in the archive
 
 
 def get_args(argv=None):
@@ -35,8 +41,16 @@ def get_args(argv=None):
     source = p.add_mutually_exclusive_group()
     source.add_argument("--catalogue", help="CSV of id,category,image (default: train.csv beside the checkpoint)")
     source.add_argument("--all", action="store_true", help="index every image under --data-dir")
-    p.add_argument("--factory", default=DEFAULT_FACTORY, help='FAISS index_factory string, e.g. "Flat", "HNSW32", '
-                                                              '"IVF256,Flat"')
+    plan = p.add_mutually_exclusive_group()
+    plan.add_argument("--profile", choices=list(PROFILES), default=None,
+                      help="index profile (default: by catalogue size: exact up to 50k items, accurate up to 10M, "
+                           "compact above)")
+    plan.add_argument("--factory", default=None, help='any FAISS index_factory string instead, e.g. "HNSW32", '
+                                                      '"IVF256,SQ8"')
+    p.add_argument("--search", type=json.loads, default=None, help='search parameters as JSON, overriding the '
+                                                                   'profile\'s, e.g. \'{"nprobe": 32}\'')
+    p.add_argument("--catalogue-dir", default=None, help="publish the catalogue folder here, outside the bundle "
+                                                         "(written once; default: <out-dir>/catalogue, bundled)")
     p.add_argument("--no-normalize", action="store_true", help="index raw embeddings instead of unit-length ones")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
@@ -94,34 +108,15 @@ def embed_catalogue_to_file(ctx, path, model, data_dir, items, categories, prepr
     return path
 
 
-def write_bundle_from_embeddings(out_dir, *, model, categories, preprocess, items, factory, normalize, notes,
-                                 runtime=None):
-    """Builds the index from out_dir/embeddings.npy, memory-mapped (its single source), and writes the bundle."""
-    out_dir = Path(out_dir)
-    embeddings = np.load(out_dir / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
-    if embeddings.shape != (len(items), EMBEDDING_DIM):
-        raise ValueError(f"{out_dir / EMBEDDINGS_FILE} holds {embeddings.shape}, expected ({len(items)}, "
-                         f"{EMBEDDING_DIM})")
-    manifest = write_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess,
-                            index=build_index(embeddings, factory), items=items, index_factory=factory,
-                            normalize=normalize, runtime=runtime, notes=notes)
-    print(f"indexed {manifest['num_items']} items ({factory}, {'unit-length' if normalize else 'raw'} "
-          f"embeddings) in {out_dir}")
-    return manifest
-
-
-def write_indexed_bundle(out_dir, *, model, categories, preprocess, items, embeddings, factory, normalize, notes,
-                         runtime=None):
-    """Saves in-memory `embeddings` as out_dir/embeddings.npy, then writes the bundle indexed from that file."""
+def write_indexed_bundle(out_dir, *, embeddings, **bundle):
+    """Saves in-memory `embeddings` as out_dir/embeddings.npy, then publishes the bundle from that file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f"{EMBEDDINGS_FILE}.partial"
     with open(partial, "wb") as f:
         np.save(f, np.asarray(embeddings, dtype=np.float32), allow_pickle=False)
     partial.replace(out_dir / EMBEDDINGS_FILE)
-    return write_bundle_from_embeddings(out_dir, model=model, categories=categories, preprocess=preprocess,
-                                        items=items, factory=factory, normalize=normalize, notes=notes,
-                                        runtime=runtime)
+    return publish_bundle(out_dir, embeddings=out_dir / EMBEDDINGS_FILE, **bundle)
 
 
 def build(args, ctx):
@@ -140,9 +135,13 @@ def build(args, ctx):
                             normalize, args.batch_size, args.workers)
     manifest = None
     if ctx.is_main:
-        manifest = write_bundle_from_embeddings(out_dir, model=model, categories=categories, preprocess=preprocess,
-                                                items=items, factory=args.factory, normalize=normalize,
-                                                notes=f"built from {args.checkpoint}")
+        manifest = publish_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess,
+                                  items=items, embeddings=out_dir / EMBEDDINGS_FILE, normalize=normalize,
+                                  catalogue_dir=args.catalogue_dir, profile=args.profile, factory=args.factory,
+                                  search=args.search, notes=f"built from {args.checkpoint}", image_root=args.data_dir)
+        where = "bundled" if manifest["catalogue"]["bundled"] else f"outside, in {manifest['catalogue']['path']}"
+        print(f"indexed {manifest['num_items']} items ({manifest['index_profile']}: {manifest['index_factory']}, "
+              f"{'unit-length' if normalize else 'raw'} embeddings) in {out_dir}; catalogue {where}")
     return manifest  # the other ranks are done: they need not wait while rank 0 builds the index
 
 
@@ -155,5 +154,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         distributed.exit_with_error(error, same_on_every_rank=isinstance(error, BadPhotosError))

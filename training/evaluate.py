@@ -2,9 +2,9 @@
 
     python -m training.evaluate --bundle runs/x/bundle --data-dir data/photos --queries runs/x/val.csv
 
-precision@k: the share of a query's k nearest catalogue items that are in the query's category. An approximate
-index (HNSW, IVF) can return fewer than k items for a query; only the items it returned count, a missing one
-counts as a miss, and the number of such queries is reported as queries_short_of_k.
+precision@k: the share of a query's k nearest catalogue items that are in the query's category. The catalogue
+answers exactly k whenever it holds k items; should a query ever get fewer, only the items returned count, a
+missing one counts as a miss, and the number of such queries is reported as queries_short_of_k.
 """
 import argparse
 import json
@@ -15,7 +15,7 @@ import numpy as np
 from visual_search.bundle import load_bundle
 from visual_search.catalogue import read_csv, subsample
 from visual_search.embedding import embed_items
-from visual_search.index import l2_normalize, search
+from visual_search.index import l2_normalize
 from visual_search.model import pick_device
 
 
@@ -33,15 +33,13 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def retrieval_metrics(query_categories, catalogue_categories, positions):
+def retrieval_metrics(query_categories, neighbour_categories, k):
     """(precision@k overall, per category, number of queries that got fewer than k results) from [Q] query
-    categories, [N] catalogue categories and FAISS's [Q, k] positions, where -1 marks a missing result."""
-    found = positions >= 0
-    neighbour_categories = np.where(found, catalogue_categories[np.where(found, positions, 0)], None)
-    hits = found & (neighbour_categories == query_categories[:, None])
-    per_query = hits.sum(axis=1) / positions.shape[1]
+    categories and, per query, the categories of the neighbours it got (at most k)."""
+    hits = np.array([sum(c == q for c in found[:k]) for q, found in zip(query_categories, neighbour_categories)])
+    per_query = hits / k
     per_category = {str(c): float(per_query[query_categories == c].mean()) for c in sorted(set(query_categories))}
-    return float(per_query.mean()), per_category, int((~found).any(axis=1).sum())
+    return float(per_query.mean()), per_category, sum(len(found) < k for found in neighbour_categories)
 
 
 def main(argv=None):
@@ -52,14 +50,17 @@ def main(argv=None):
                                      pick_device(args.device), args.batch_size, args.workers, desc="embedding queries")
     if bundle.normalize:
         embeddings = l2_normalize(embeddings)
-    _, positions = search(bundle.index, embeddings, args.k)
-    catalogue_categories = np.array([it.category for it in bundle.items])
+    catalogue = bundle.catalogue
+    found = [[n.category for n in hits.neighbours] for start in range(0, len(embeddings), 1024)
+             for hits in catalogue.search(embeddings[start:start + 1024], args.k)]
     query_categories = np.array([it.category for it in queries])
-    precision, per_category, short = retrieval_metrics(query_categories, catalogue_categories, positions)
+    precision, per_category, short = retrieval_metrics(query_categories, found, args.k)
     predicted = np.array(bundle.categories)[logits.argmax(axis=1)]
     results = {
         "queries": len(queries),
-        "catalogue_items": len(bundle.items),
+        "catalogue_items": catalogue.count,
+        "index": {"profile": catalogue.manifest["profile"], "factory": catalogue.manifest["factory"],
+                  "search": catalogue.manifest["search"]},
         "k": args.k,
         "test_accuracy": float((predicted == query_categories).mean()),
         f"precision_at_{args.k}": precision,
@@ -70,10 +71,10 @@ def main(argv=None):
     out = Path(args.out) if args.out else Path(args.bundle) / "evaluation.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"test accuracy {results['test_accuracy']:.4f} | precision@{args.k} {precision:.4f} "
-          f"({len(queries)} queries, {len(bundle.items)} catalogue items) -> {out}")
+          f"({len(queries)} queries, {catalogue.count} catalogue items) -> {out}")
     if short:
         print(f"warning: {short} of {len(queries)} queries got fewer than {args.k} results from the "
-              f"{bundle.manifest['index_factory']} index; each missing one counted as a miss")
+              f"{catalogue.manifest['factory']} index; each missing one counted as a miss")
     return results
 
 

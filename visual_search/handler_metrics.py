@@ -32,5 +32,10 @@ def record_batch(metrics, size, errors):
         return
     metrics.add_metric(f"{PREFIX}BatchSize", size, "count", None, [], MetricTypes.HISTOGRAM)
     for error in errors:
-        if error is not None:
-            metrics.add_counter(f"{PREFIX}Rejected", 1, None, [Dimension("Reason", error.label)])
+        record_rejection(metrics, error)
+
+
+def record_rejection(metrics, error):
+    """One count under the error's reason label (nothing for None)."""
+    if metrics is not None and error is not None:
+        metrics.add_counter(f"{PREFIX}Rejected", 1, None, [Dimension("Reason", error.label)])

@@ -6,7 +6,8 @@
     compile        torch.compile, done at load time with warm-up batches, not on the first request
     gpu_decode     JPEG bodies decoded as one batch by torchvision.io.decode_jpeg on CUDA; other formats via PIL
 
-FAISS search moves to the GPU when the model runs on CUDA and a GPU build of FAISS is installed.
+The catalogue is searched on the CPU, memory-mapped and shared by every worker (visual_search.catalogue_store);
+on a GPU host only the model runs on the GPU.
 """
 import io
 import logging
@@ -21,7 +22,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .images import MAX_PIXELS, InputError, decode_image
-from .index import l2_normalize, search
+from .index import l2_normalize
 from .preprocessing import eval_transform
 from .service_io import Limits, parse_query
 
@@ -91,7 +92,7 @@ def jpeg_or_image(data, size=None):
 
 
 class Runtime:
-    """Model, preprocessing and index with the fast-path settings applied; `embed` and `search` are the hot path."""
+    """Model and preprocessing with the fast-path settings applied, and the catalogue; `embed` is the hot path."""
 
     def __init__(self, bundle, device="cpu", settings=None, warmup_batch=0):
         self.device = torch.device(device)
@@ -104,21 +105,11 @@ class Runtime:
         model = bundle.model.to(self.device, self.dtype).eval().to(memory_format=self.memory_format)
         forward = model.embed_and_classify
         self.forward = torch.compile(forward) if self.settings.compile else forward
-        self.index, self.gpu_resources = self._place_index(bundle.index)
+        self.catalogue = bundle.catalogue
         # each image is shrunk towards the input size as it is decoded, so a batch never holds full-size images
         self.decode_images = partial(jpeg_or_image if self.settings.gpu_decode else decode_image,
                                      size=self.image_size)
         self.warmup_seconds = self.warm_up(warmup_batch) if warmup_batch else 0.0
-
-    def _place_index(self, index):
-        if self.device.type != "cuda" or not hasattr(faiss, "StandardGpuResources"):
-            return index, None
-        try:
-            resources = faiss.StandardGpuResources()
-            return faiss.index_cpu_to_gpu(resources, self.device.index or 0, index), resources
-        except RuntimeError as error:  # index types without a GPU version stay on the CPU
-            log.warning("FAISS index stays on the CPU: %s", error)
-            return index, None
 
     def warm_up(self, batch_size):
         """Runs the largest batch and a batch of one (compiling both graphs if asked); returns seconds taken."""
@@ -129,7 +120,7 @@ class Runtime:
 
     def prepare(self, rows, headers, limits=Limits(), skip=()):
         """(queries, errors, batch) for one TorchServe batch: a Query or an InputError per row, None for the rows
-        in `skip`; `batch` stacks the tensors of the valid rows, in their order, or is None."""
+        in `skip`; `batch` stacks the tensors of the valid rows that sent a photo, in their order, or is None."""
         queries, errors = [None] * len(rows), [None] * len(rows)
         for i, (row, row_headers) in enumerate(zip(rows, headers)):
             if i in skip:
@@ -138,13 +129,13 @@ class Runtime:
                 queries[i] = parse_query(row, row_headers, limits, self.decode_images)
             except InputError as error:
                 errors[i] = error
-        valid = [i for i, query in enumerate(queries) if query is not None]
-        for i, image in zip(valid, self.decode_jpegs([queries[i].image for i in valid])):
+        photos = [i for i, query in enumerate(queries) if query is not None and query.image is not None]
+        for i, image in zip(photos, self.decode_jpegs([queries[i].image for i in photos])):
             if isinstance(image, InputError):
                 queries[i], errors[i] = None, image
             else:
                 queries[i].image = image
-        images = [query.image for query in queries if query is not None]
+        images = [query.image for query in queries if query is not None and query.image is not None]
         return queries, errors, self.to_batch(images) if images else None
 
     def decode_jpegs(self, images):
@@ -199,6 +190,3 @@ class Runtime:
         if self.normalize:  # the same function that normalised the catalogue at indexing
             embeddings = l2_normalize(embeddings)
         return embeddings, torch.softmax(logits.float(), dim=1).cpu().numpy()
-
-    def search(self, embeddings, k):
-        return search(self.index, embeddings, k)

@@ -51,6 +51,36 @@ def read_k(value, limits, text):
     return value
 
 
+MAX_ID_LENGTH = 256
+MAX_NAMES = {"category": 100, "exclude": 1000}
+
+
+def read_listing(value, limits, text):
+    if not isinstance(value, str) or not value.strip() or len(value.strip()) > MAX_ID_LENGTH:
+        raise bad_parameter(f"listing must be a catalogue id (a non-empty string of at most {MAX_ID_LENGTH} "
+                            f"characters), not {value!r}")
+    return value.strip()
+
+
+def names_reader(name):
+    """Reads a list of names: comma-separated text, or JSON as one string or a list of strings."""
+    def read(value, limits, text):
+        if isinstance(value, str):
+            value = value.split(",") if text else [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad_parameter(f"{name} must be a string or a list of strings, not {value!r}")
+        names = tuple(dict.fromkeys(v.strip() for v in value if v.strip()))
+        if not names or len(names) > MAX_NAMES[name] or max(map(len, names)) > MAX_ID_LENGTH:
+            raise bad_parameter(f"{name} must name 1 to {MAX_NAMES[name]} values of at most {MAX_ID_LENGTH} "
+                                f"characters each, not {value!r}")
+        return names
+    return read
+
+
+def similar_only(params):
+    return params["output"] == "similar"
+
+
 @dataclass(frozen=True)
 class Parameter:
     header: str
@@ -62,14 +92,17 @@ class Parameter:
 
 PARAMETERS = {  # read in this order
     "output": Parameter("X-Output", read_output, lambda limits: "similar"),
-    "k": Parameter("X-Top-K", read_k, lambda limits: limits.default_k,
-                   applies=lambda params: params["output"] == "similar"),
+    "k": Parameter("X-Top-K", read_k, lambda limits: limits.default_k, applies=similar_only),
+    "category": Parameter("X-Category", names_reader("category"), lambda limits: (), applies=similar_only),
+    "exclude": Parameter("X-Exclude", names_reader("exclude"), lambda limits: (), applies=similar_only),
+    "listing": Parameter("X-Listing", read_listing, lambda limits: None),
 }
 
 
 @dataclass
 class Query:
-    image: object  # RGB PIL image, JPEG bytes left for a batch decoder, or a uint8 tensor (visual_search.runtime)
+    image: object  # RGB PIL image, JPEG bytes left for a batch decoder, a uint8 tensor (visual_search.runtime),
+    #                or None when the request searches by a listing id
     params: dict = field(default_factory=dict)
 
     @property
@@ -79,6 +112,18 @@ class Query:
     @property
     def output(self):
         return self.params["output"]
+
+    @property
+    def listing(self):
+        return self.params.get("listing")
+
+    @property
+    def categories(self):
+        return self.params.get("category", ())
+
+    @property
+    def exclude(self):
+        return self.params.get("exclude", ())
 
 
 def _text(value):
@@ -103,6 +148,8 @@ def mime_type(http):
 def _json_body(body):
     if not isinstance(body, dict):
         raise InputError('a JSON body must be an object: {"image": "<base64>", ...}', label="bad_body")
+    if IMAGE_FIELD not in body:
+        return None  # no photo: the request may name a listing instead (parse_query decides)
     encoded = body.get(IMAGE_FIELD)
     if not isinstance(encoded, str):
         raise InputError('JSON body needs "image": the image bytes in base64', label="bad_body")
@@ -120,7 +167,7 @@ def _raw_body(body, content_type):
                          label="bad_body")
     if content_type == "application/json":  # TorchServe forwards JSON it cannot parse as bytes
         raise InputError("the body is not valid JSON", label="bad_body")
-    return bytes(body)
+    return bytes(body) or None
 
 
 def image_and_fields(row, content_type, part_types):
@@ -169,8 +216,15 @@ def parse_query(row, headers, limits, decode=decode_image):
     data, fields = image_and_fields(row, mime_type(http), part_types)
     body = row.get("body", row.get("data"))
     params = read_parameters(http, fields, body if isinstance(body, dict) else {}, limits)
-    if data is None:  # a parameter that names what to search by instead of a photo would be checked here
-        raise InputError(f"no image in the request: {SEND_AN_IMAGE}", label="empty")
+    if params["listing"] is not None:
+        if data is not None:
+            raise bad_parameter("send a photo or a listing id to search by, not both")
+        if params["output"] != "similar":
+            raise bad_parameter("a listing can only be searched by (output=similar); send a photo for an embedding")
+        return Query(image=None, params=params)
+    if data is None:
+        raise InputError(f"no image in the request: {SEND_AN_IMAGE}, or name a catalogue id to search by "
+                         f"(X-Listing header, or a listing field)", label="empty")
     return Query(image=decode(data), params=params)
 
 

@@ -29,7 +29,8 @@ def archive_facts(path):
         return {}
     handler = (config or {}).get("handler") or {}
     items = int(manifest.get("num_items", 0))
-    return {"categories": [str(c) for c in manifest.get("categories", [])], "items": items,
+    categories = manifest.get("catalogue_categories") or manifest.get("categories", [])  # the filter's choices
+    return {"categories": [str(c) for c in categories], "items": items,
             "default_k": int(handler.get("default_k", 4)),
             "max_k": min(int(handler.get("max_k", 100)), items) if items else int(handler.get("max_k", 100))}
 
