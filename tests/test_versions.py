@@ -1,10 +1,15 @@
 """Versions through TorchServe's management API, on a TorchServe of this module's own: catalogue updates packed as
-new versions, register / set-default / rollback / scale / unregister under a steady load, and the tool's errors."""
+new versions (the catalogue folder updated in place, bundled or outside, or re-embedded with retrained weights),
+removed ids that never come back, register / set-default / rollback / scale / unregister under a steady load, and
+the tool's errors."""
 import json
+import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import requests
@@ -14,12 +19,14 @@ from serving.management import ManagementClient, ManagementError
 from serving.steady_load import SteadyLoad, main as steady_load
 from serving.torchserve import free_port
 from tests.fixtures import CATEGORIES, encode, product_photo, running_torchserve
-from training.build_index import EMBEDDINGS_FILE
-from training.update_catalogue import main as update_catalogue
-from visual_search.catalogue import read_csv
+from training.build_index import main as build_index
+from training.update_catalogue import ADDED_EMBEDDINGS_FILE, main as update_catalogue, remembered
+from visual_search.catalogue_store import open_catalogue, verify_catalogue
+from visual_search.index import ivf_of, open_index
 
 MODEL = "versioned-search"
 ARCHIVE_OPTIONS = ["--batch-size", "4", "--max-batch-delay", "20", "--startup-timeout", "120"]
+REMOVED = ["added-bags", "bags-00"]  # v3 takes out an item that v2 added and one of v1's
 
 
 def new_photos(folder, prefix, seed):
@@ -30,22 +37,52 @@ def new_photos(folder, prefix, seed):
     return folder
 
 
+def catalogue_of(entry):
+    """The catalogue folder a recorded version names, opened against the reference in its bundle's manifest."""
+    manifest = json.loads((Path(entry["bundle"]) / "manifest.json").read_text())
+    return open_catalogue(entry["catalogue_dir"], expect=manifest["catalogue"])
+
+
+def items_of(entry):
+    """{id: Item} of a recorded version's catalogue."""
+    catalogue = catalogue_of(entry)
+    try:
+        return {it.id: it for it in catalogue.all_items()}
+    finally:
+        catalogue.close()
+
+
+def vectors_of(entry, ids):
+    catalogue = catalogue_of(entry)
+    try:
+        return np.stack([catalogue.vector(i) for i in ids])
+    finally:
+        catalogue.close()
+
+
+def record_of(store, name):
+    return json.loads((Path(store) / f"{name}.versions.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def versions(bundle_dir, photo_dir, tmp_path_factory):
-    """Two archives of one model: v1 = the session bundle, v2 = v1 plus one new photo per category."""
+    """Three archives of one model: v1 = the session bundle, v2 = v1 plus one new photo per category, v3 = v2 plus
+    one more photo per category less REMOVED (one update, the ids read from a file)."""
     root = tmp_path_factory.mktemp("versions")
-    store, added, catalogue = root / "store", new_photos(root / "new_photos", "added", 7000), root / "catalogue"
+    store, catalogue = root / "store", root / "catalogue"
     shutil.copytree(photo_dir, catalogue)  # the catalogue image folder, which --add copies new photos into
     common = ["--name", MODEL, "--model-store", str(store), "--embed-batch-size", "8"]
     update_catalogue([*common, "--bundle", str(bundle_dir), "--data-dir", str(catalogue), *ARCHIVE_OPTIONS])
-    update_catalogue([*common, "--add", str(added), "--out-dir", str(root / "bundle-v2")])
-    record = json.loads((store / f"{MODEL}.versions.json").read_text())
-    catalogues = {}
-    for entry in record["versions"]:
-        lines = (Path(entry["bundle"]) / "catalogue.csv").read_text().splitlines()[1:]
-        catalogues[entry["version"]] = {line.split(",")[0] for line in lines}
-    return {"store": store, "record": record, "catalogues": catalogues, "root": root, "catalogue": catalogue,
-            "added": {f"added-{c}" for c in CATEGORIES}}
+    update_catalogue([*common, "--add", str(new_photos(root / "new_photos", "added", 7000)),
+                      "--out-dir", str(root / "bundle-v2")])
+    (root / "remove.txt").write_text("\n".join(REMOVED) + "\n")
+    update_catalogue([*common, "--add", str(new_photos(root / "late_photos", "late", 7100)),
+                      "--remove-file", str(root / "remove.txt"), "--out-dir", str(root / "bundle-v3")])
+    record = record_of(store, MODEL)
+    items = {entry["version"]: items_of(entry) for entry in record["versions"]}
+    return {"store": store, "record": record, "items": items, "root": root, "catalogue": catalogue,
+            "catalogues": {version: set(its) for version, its in items.items()},
+            "added": {f"added-{c}" for c in CATEGORIES}, "late": {f"late-{c}" for c in CATEGORIES}}
 
 
 @pytest.fixture(scope="module")
@@ -64,43 +101,86 @@ def cli(server, *argv):
     return manage(["--state-dir", str(server.state_dir), "--timeout", "120", *argv])
 
 
-def ask(server, version=None, k=None, headers=None, timeout=60):
-    url = f"{server.urls['inference']}/predictions/{MODEL}" + (f"/{version}" if version else "")
+def ask(server, version=None, k=None, headers=None, timeout=60, photo=None, model=MODEL):
+    url = f"{server.urls['inference']}/predictions/{model}" + (f"/{version}" if version else "")
     headers = {**(headers or server.headers()), **({"X-Top-K": str(k)} if k else {})}
-    return requests.post(url, data=encode(product_photo("bags", seed=4242), "JPEG"), headers=headers,
-                         timeout=timeout)
+    body = photo if photo is not None else encode(product_photo("bags", seed=4242), "JPEG")
+    return requests.post(url, data=body, headers=headers, timeout=timeout)
 
 
-def test_catalogue_updates_are_numbered_and_recorded(versions):
-    v1, v2 = versions["record"]["versions"]
-    assert (v1["version"], v1["archive"], v2["version"], v2["archive"]) == \
-        ("1.0", f"{MODEL}-v1.mar", "2.0", f"{MODEL}-v2.mar")
-    assert v2["items"] == v1["items"] + len(CATEGORIES) and "added 3 item(s)" in v2["change"]
-    assert v1["weights_sha256"] == v2["weights_sha256"] and v1["index_sha256"] != v2["index_sha256"]
-    assert all((versions["store"] / v["archive"]).is_file() and v["built"] for v in (v1, v2))
-    assert versions["catalogues"]["2.0"] - versions["catalogues"]["1.0"] == versions["added"]
-    assert v1["data_dir"] == v2["data_dir"] == str(versions["catalogue"].resolve())
+def neighbour_ids(response):
+    assert response.status_code == 200, response.text
+    return [n["id"] for n in response.json()["neighbours"]]
+
+
+def test_catalogue_updates_are_numbered_and_recorded(versions, bundle_dir):
+    v1, v2, v3 = versions["record"]["versions"]
+    assert [(v["version"], v["archive"]) for v in (v1, v2, v3)] == \
+        [(f"{n}.0", f"{MODEL}-v{n}.mar") for n in (1, 2, 3)]
+    catalogues = versions["catalogues"]
+    assert v2["items"] == v1["items"] + len(CATEGORIES) == len(catalogues["2.0"])
+    assert "added 3 item(s)" in v2["change"]
+    assert catalogues["2.0"] - catalogues["1.0"] == versions["added"]
+    assert catalogues["3.0"] == (catalogues["2.0"] | versions["late"]) - set(REMOVED)
+    assert v3["items"] == len(catalogues["3.0"])
+    assert "removed 2 item(s): added-bags, bags-00" in v3["change"] and "added 3 item(s)" in v3["change"]
+    assert v1["weights_sha256"] == v2["weights_sha256"] == v3["weights_sha256"]
+    assert len({v["catalogue_uid"] for v in (v1, v2, v3)}) == 3
+    assert len({v["catalogue_manifest_sha256"] for v in (v1, v2, v3)}) == 3
+    assert all(v["bundled"] and v["catalogue_dir"] == str(Path(v["bundle"]) / "catalogue") for v in (v1, v2, v3))
+    assert v1["bundle"] == str(bundle_dir.resolve())
+    assert all((versions["store"] / v["archive"]).is_file() and v["built"] for v in (v1, v2, v3))
+    assert v1["data_dir"] == v2["data_dir"] == v3["data_dir"] == str(versions["catalogue"].resolve())
+    assert v1["archive_options"] == v2["archive_options"] == v3["archive_options"] == ARCHIVE_OPTIONS
     # One rule: every image reference is relative to the catalogue image folder, and the file is there.
-    items = read_csv(Path(v2["bundle"]) / "catalogue.csv")
-    assert [it.image for it in items if it.id.startswith("added-")] == [f"{c}/added-{c}.png" for c in CATEGORIES]
-    for it in items:
+    items = versions["items"]["3.0"]
+    assert [items[f"late-{c}"].image for c in CATEGORIES] == [f"{c}/late-{c}.png" for c in CATEGORIES]
+    for it in items.values():
         assert not Path(it.image).is_absolute() and (versions["catalogue"] / it.image).is_file(), it
 
 
-def test_remove_by_id_and_bad_updates(versions):
-    store, root = str(versions["store"]), versions["root"]
-    common = ["--name", MODEL, "--model-store", store, "--out-dir", str(root / "bundle-v3")]
+def test_updates_reuse_the_source_index_and_vectors(versions):
+    """An update is made in place: the new catalogue names its source as parent, counts the change since the
+    index was trained (no retraining), shares the old vector files (nothing re-embedded) and leaves the old
+    version's folder as it was."""
+    record = versions["record"]["versions"]
+    changed = {"2.0": 3, "3.0": 3 + 3 + 2}
+    for older, newer in zip(record, record[1:]):
+        old, new = catalogue_of(older), catalogue_of(newer)
+        try:
+            assert new.manifest["parent"]["uid"] == old.uid == older["catalogue_uid"]
+            assert new.manifest["changed_since_training"] == changed[newer["version"]]
+            assert new.manifest["training"] == old.manifest["training"]
+            assert new.manifest["factory"] == old.manifest["factory"] and new.manifest["profile"] == "exact"
+            for segment in old.manifest["segments"]:  # the old vectors are the same file, hard-linked
+                assert os.stat(old.folder / segment["file"]).st_ino == os.stat(new.folder / segment["file"]).st_ino
+            kept = sorted(versions["catalogues"][older["version"]] & versions["catalogues"][newer["version"]])
+            assert np.array_equal(np.stack([new.vector(i) for i in kept]), np.stack([old.vector(i) for i in kept]))
+        finally:
+            old.close()
+            new.close()
+    # Only the new photos were embedded.
+    assert np.load(Path(record[1]["bundle"]) / ADDED_EMBEDDINGS_FILE).shape == (len(CATEGORIES), 2048)
+    # The older versions' folders are untouched: every file still has the size and sha256 it was published with.
+    for entry in record:
+        assert verify_catalogue(entry["catalogue_dir"], progress=False)["uid"] == entry["catalogue_uid"]
+
+
+def test_bad_updates_are_refused_and_change_nothing(versions):
+    store, root = versions["store"], versions["root"]
+    refused = root / "bundle-refused"
+    common = ["--name", MODEL, "--model-store", str(store), "--out-dir", str(refused)]
+    before = (record_of(store, MODEL), sorted(p.name for p in store.iterdir()))
     for argv, message in (([], "nothing to change"), (["--remove", "no-such-id"], "no-such-id"),
+                          (["--remove", "bags-00"], "not in the catalogue of .*: bags-00"),
+                          (["--remove-file", str(root / "none.txt")], "--remove-file not found"),
                           (["--add", str(root / "missing")], "not found"),
-                          (["--add", str(root / "new_photos")], "ids already in the catalogue: added-bags")):
+                          (["--add", str(root / "new_photos")], "ids already in the catalogue: added-phones"),
+                          (["--remove", "bags-01", "--out-dir", str(root / "bundle-v2")], "already holds a bundle")):
         with pytest.raises(SystemExit, match=message):
             update_catalogue([*common, *argv])
-    removed = sorted(versions["added"])[:1] + [sorted(versions["catalogues"]["1.0"])[0]]
-    entry = update_catalogue([*common, "--remove", *removed])
-    assert entry["version"] == "3.0" and entry["items"] == len(versions["catalogues"]["2.0"]) - 2
-    assert entry["archive_options"] == ARCHIVE_OPTIONS and "removed 2 item(s)" in entry["change"]
-    ids = {line.split(",")[0] for line in (root / "bundle-v3" / "catalogue.csv").read_text().splitlines()[1:]}
-    assert ids == versions["catalogues"]["2.0"] - set(removed)
+    assert (record_of(store, MODEL), sorted(p.name for p in store.iterdir())) == before
+    assert not refused.exists()
 
 
 def test_readme_update_sequence_add_remove_retrain(bundle_dir, photo_dir, trained_run, tmp_path):
@@ -114,22 +194,28 @@ def test_readme_update_sequence_add_remove_retrain(bundle_dir, photo_dir, traine
     update_catalogue([*common, "--add", str(new_photos(tmp_path / "new", "new", 8000))])
     cdn = "https://cdn.example.com/products/"
     update_catalogue([*common, "--add", str(new_photos(tmp_path / "cdn", "cdn", 9000)), "--image-prefix", cdn])
-    update_catalogue([*common, "--remove", "new-bags", "bags-00"])
+    removed = update_catalogue([*common, "--remove", "new-bags", "bags-00"])
     entry = update_catalogue([*common, "--checkpoint", str(trained_run / "last.pt"), "--data-dir", str(catalogue)])
 
     assert entry["version"] == "5.0" and entry["items"] == 24 + 3 + 3 - 2
-    bundle = Path(entry["bundle"])
-    items = {it.id: it.image for it in read_csv(bundle / "catalogue.csv")}
+    assert entry["bundled"] and Path(entry["bundle"]) == bundle_dir.parent / "readme-search-v5"
+    items = {it_id: it.image for it_id, it in items_of(entry).items()}
     assert items["new-shoes"] == "shoes/new-shoes.png" and items["cdn-shoes"] == f"{cdn}shoes/cdn-shoes.png"
-    assert "new-bags" not in items and "bags-00" not in items
+    assert "new-bags" not in items and "bags-00" not in items and len(items) == entry["items"]
     for category in CATEGORIES:  # copied into the catalogue image folder, byte for byte
         for prefix, folder in (("new", tmp_path / "new"), ("cdn", tmp_path / "cdn")):
             name = f"{category}/{prefix}-{category}.png"
             assert (catalogue / name).read_bytes() == (folder / name).read_bytes()
+    # A fresh catalogue with the source's profile, not an update of the old one.
+    retrained = catalogue_of(entry)
+    try:
+        assert retrained.manifest["parent"] is None and retrained.manifest["changed_since_training"] == 0
+        assert retrained.manifest["profile"] == "exact"
+    finally:
+        retrained.close()
     # The same weights re-embedded every item from the folder: the vectors match the ones kept before.
-    before = np.load(Path(json.loads((tmp_path / "store" / "readme-search.versions.json").read_text())
-                          ["versions"][3]["bundle"]) / EMBEDDINGS_FILE)
-    assert np.allclose(np.load(bundle / EMBEDDINGS_FILE), before, atol=1e-4)
+    ids = sorted(items)
+    assert np.allclose(vectors_of(entry, ids), vectors_of(removed, ids), atol=1e-4)
 
     clash = tmp_path / "clash" / "bags"  # bags-00 is out of the catalogue, but its photo is still in the folder
     clash.mkdir(parents=True)
@@ -137,6 +223,11 @@ def test_readme_update_sequence_add_remove_retrain(bundle_dir, photo_dir, traine
     with pytest.raises(SystemExit, match="different file is already in the catalogue image folder"):
         update_catalogue([*common, "--add", str(clash.parent)])
     assert (catalogue / "bags" / "bags-00.png").read_bytes() == (photo_dir / "bags" / "bags-00.png").read_bytes()
+
+
+def test_archive_options_are_remembered_but_not_one_versions_catalogue_folder():
+    given = ["--batch-size", "8", "--catalogue-dir", "shop-v3", "--max-batch-delay", "20", "--catalogue-dir=shop-v4"]
+    assert remembered(given) == ["--batch-size", "8", "--max-batch-delay", "20"]
 
 
 def test_add_without_a_catalogue_image_folder_says_what_to_pass(bundle_dir, tmp_path):
@@ -147,6 +238,7 @@ def test_add_without_a_catalogue_image_folder_says_what_to_pass(bundle_dir, tmp_
     common = ["--name", "no-folder", "--model-store", str(tmp_path / "store"), *ARCHIVE_OPTIONS]
     with pytest.raises(SystemExit, match="--add needs the catalogue image folder.*pass --data-dir"):
         update_catalogue([*common, "--bundle", str(bundle), "--add", str(new_photos(tmp_path / "n", "n", 1))])
+    assert not (tmp_path / "store").exists()  # refused before anything was packed or recorded
 
 
 def test_each_version_answers_from_its_own_catalogue(server, client, versions):
@@ -207,6 +299,109 @@ def test_rollout_rollback_and_scaling_under_load_fail_no_request(server, version
     for status, version, ids, _ in results:
         assert ids <= versions["catalogues"][version] and len(ids) == k
     print(f"\nsteps done at (elapsed/requests so far): {', '.join(timeline)}\n{load.summary()}")
+
+
+def test_removed_ids_never_come_back(server, client, versions):
+    """v3, an add/remove update, through TorchServe: asked with a removed item's own photo and k = every item it
+    holds, and by the removed listing id; then made the default and rolled back under a steady load that sends
+    that photo, with no failed request and no answer of v3 that holds a removed id."""
+    v1_ids, v3_ids = versions["catalogues"]["1.0"], versions["catalogues"]["3.0"]
+    photos = {i: (versions["catalogue"] / versions["items"]["2.0"][i].image).read_bytes() for i in REMOVED}
+    assert client.register(f"{MODEL}-v3.mar", workers=1) == (MODEL, "3.0")
+    load = None
+    try:
+        # v1 still holds bags-00 and finds it first from its own photo: the photo would bring it back if it could.
+        assert neighbour_ids(ask(server, k=len(v1_ids), photo=photos["bags-00"]))[0] == "bags-00"
+        listing_url = f"{server.urls['inference']}/predictions/{MODEL}/3.0"
+        for item_id, photo in photos.items():
+            ids = neighbour_ids(ask(server, "3.0", k=len(v3_ids), photo=photo))
+            assert len(ids) == len(v3_ids) and set(ids) == v3_ids and item_id not in ids
+            assert ask(server, "3.0", k=len(v3_ids) + 1, photo=photo).status_code == 400  # k is at most every item
+            by_listing = requests.post(listing_url, json={"listing": item_id, "k": 4}, headers=server.headers(),
+                                       timeout=60)
+            assert by_listing.status_code == 404 and item_id in by_listing.json()["error"], by_listing.text
+        kept = sorted(v3_ids & v1_ids)[0]
+        by_listing = requests.post(listing_url, json={"listing": kept, "k": len(v3_ids) - 1},
+                                   headers=server.headers(), timeout=60)
+        assert set(neighbour_ids(by_listing)) == v3_ids - {kept}
+
+        k = len(v1_ids)  # the most that both versions answer
+        load = SteadyLoad(f"{server.urls['inference']}/predictions/{MODEL}", {**server.headers(), "X-Top-K": str(k)},
+                          photos["bags-00"], clients=2, max_seconds=120).start()
+        assert load.wait_for("1.0"), load.summary()
+        cli(server, "set-default", MODEL, "3.0")
+        assert load.wait_for("3.0"), load.summary()
+        cli(server, "rollback", MODEL)
+        assert load.wait_for("1.0"), load.summary()
+    finally:
+        results = load.stop() if load else []
+        if client.default_version(MODEL) != "1.0":
+            client.set_default(MODEL, "1.0")
+        client.unregister(MODEL, "3.0")
+    failures = [r for r in results if r[0] != 200]
+    assert not failures, f"{len(failures)} of {len(results)} requests failed: {failures[:5]}"
+    answers = {version: [ids for status, v, ids, _ in results if v == version] for version in ("1.0", "3.0")}
+    assert answers["3.0"] and answers["1.0"] and {r[1] for r in results} == {"1.0", "3.0"}
+    assert all(len(ids) == k and ids <= v3_ids and not ids & set(REMOVED) for ids in answers["3.0"])
+    assert all(ids == v1_ids for ids in answers["1.0"])  # k = every v1 item, bags-00 among them
+
+
+def test_outside_catalogue_updated_beside_it_and_served(server, client, versions, trained_run, photo_dir,
+                                                        tmp_path_factory):
+    """A bundle whose catalogue (an IVF profile) lives outside it: --add/--remove writes the next catalogue beside
+    the old one, outside again and not in the archive, with the old quantizer and codes' training kept; TorchServe
+    serves it from there without the removed ids; --checkpoint publishes a fresh one beside them."""
+    root = tmp_path_factory.mktemp("outside")
+    images, name, store = root / "images", "outside-search", versions["store"]
+    shutil.copytree(photo_dir, images)
+    build_index(["--checkpoint", str(trained_run / "last.pt"), "--data-dir", str(images), "--out-dir",
+                 str(root / "bundle"), "--all", "--workers", "0", "--batch-size", "8", "--profile", "accurate",
+                 "--catalogue-dir", str(root / "catalogues" / "shop-v1")])
+    common = ["--name", name, "--model-store", str(store), "--embed-batch-size", "8", *ARCHIVE_OPTIONS]
+    v1 = update_catalogue([*common, "--bundle", str(root / "bundle")])  # the image folder: the bundle's image_root
+    removed = ["phones-01", "shoes-02"]
+    v2 = update_catalogue([*common, "--add", str(new_photos(root / "new", "out", 7200)), "--remove", *removed])
+
+    assert not v1["bundled"] and v1["catalogue_dir"] == str((root / "catalogues" / "shop-v1").resolve())
+    assert not v2["bundled"] and v2["catalogue_dir"] == str((root / "catalogues" / f"{name}-v2").resolve())
+    assert Path(v2["bundle"]) == (root / f"{name}-v2").resolve() and not (root / f"{name}-v2" / "catalogue").exists()
+    assert v2["data_dir"] == str(images.resolve()) and (images / "bags" / "out-bags.png").is_file()
+    with zipfile.ZipFile(store / v2["archive"]) as archive:
+        assert not [n for n in archive.namelist() if n.endswith(("index.faiss", "items.sqlite", "catalogue.json"))]
+    ids = set(items_of(v2))
+    assert ids == (set(items_of(v1)) | {f"out-{c}" for c in CATEGORIES}) - set(removed) and v2["items"] == len(ids)
+    old, new = catalogue_of(v1), catalogue_of(v2)
+    try:
+        assert new.manifest["profile"] == "accurate" and new.manifest["factory"].startswith("IVF")
+        assert new.manifest["parent"]["uid"] == old.uid and new.manifest["changed_since_training"] == 3 + 2
+        assert new.manifest["training"] == old.manifest["training"]
+    finally:
+        old.close()
+        new.close()
+    indexes = [open_index(Path(v["catalogue_dir"]) / "index.faiss") for v in (v1, v2)]  # kept: ivf_of borrows
+    before, after = (ivf_of(index) for index in indexes)
+    assert np.array_equal(faiss.vector_to_array(before.sq.trained), faiss.vector_to_array(after.sq.trained))
+    assert np.array_equal(before.quantizer.reconstruct_n(0, before.nlist),
+                          after.quantizer.reconstruct_n(0, after.nlist))
+    assert (before.ntotal, after.ntotal) == (len(ids) - 3 + 2, len(ids))
+
+    assert client.register(v2["archive"], workers=1) == (name, "2.0")
+    try:
+        for item_id, image in (("phones-01", "phones/phones-01.jpg"), ("shoes-02", "shoes/shoes-02.png")):
+            answer = neighbour_ids(ask(server, k=len(ids), photo=(images / image).read_bytes(), model=name))
+            assert set(answer) == ids and len(answer) == len(ids) and item_id not in answer
+    finally:  # its only version, so the default: the tool refuses that, TorchServe does not
+        client.call("DELETE", f"/models/{name}/2.0")
+
+    v3 = update_catalogue([*common, "--checkpoint", str(trained_run / "last.pt")])
+    assert not v3["bundled"] and v3["catalogue_dir"] == str((root / "catalogues" / f"{name}-v3").resolve())
+    fresh = catalogue_of(v3)
+    try:
+        assert fresh.manifest["profile"] == "accurate" and fresh.manifest["parent"] is None
+        assert fresh.manifest["changed_since_training"] == 0 and set(items_of(v3)) == ids
+    finally:
+        fresh.close()
+    assert np.allclose(vectors_of(v3, sorted(ids)), vectors_of(v2, sorted(ids)), atol=1e-4)
 
 
 def test_calls_without_the_token_are_refused(server, versions, tmp_path, capsys):

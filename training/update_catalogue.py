@@ -11,15 +11,22 @@ the folder the catalogue was indexed from), e.g. "coat/fmnist-train-09615.png", 
 --data-dir is recorded with each version, so later runs need it only to change it; a bundle that recorded its
 image folder (manifest "image_root") supplies it too.
 
-The source is the bundle of the latest recorded version (or --bundle). --add embeds the photos of a folder laid
-out like the catalogue (<category>/<image>) with the source's weights and copies them into the catalogue image
-folder, as <category>/<file> (it never overwrites a different file); the old items keep their vectors from
-embeddings.npy beside the source bundle. --remove takes items out by id. --checkpoint re-embeds every item with
-retrained weights, reading the images from the catalogue image folder. The new bundle is packed as
-<model store>/<name>-v<N>.mar with version N.0, and recorded in <model store>/<name>.versions.json: the change, item
-count, checksums, image folder, build time. Options this tool does not know go to serving.build_archive (e.g.
---max-batch-delay 20), and are kept for the next versions. Register the archive with
-`python -m serving.manage register <name>-v<N>.mar`.
+The source is the bundle of the latest recorded version (or --bundle). --add and --remove update its catalogue
+folder in place (visual_search.catalogue_build.update_catalogue): only the new photos are embedded, with the
+source's weights; the old items keep their stored vectors and the index keeps its trained quantizer, so the time
+is proportional to the change. --add takes a folder laid out like the catalogue (<category>/<image>) and copies
+its photos into the catalogue image folder as <category>/<file> (it never overwrites a different file). --remove
+takes items out by id (or --remove-file, one id a line); a removed id is never answered by the new version.
+--checkpoint re-embeds every item with retrained weights, reading the images from the catalogue image folder, and
+publishes a fresh catalogue with the source's index profile.
+
+The new catalogue folder is bundled (<new bundle>/catalogue) when the source's is, else written outside again,
+beside the source's catalogue folder as <its parent>/<name>-v<N>. The source's folders are never touched. The new
+bundle is packed as <model store>/<name>-v<N>.mar with version N.0, and recorded in
+<model store>/<name>.versions.json: the change, item count, weights checksum, catalogue uid and manifest checksum,
+catalogue folder, image folder, build time. Options this tool does not know go to serving.build_archive (e.g.
+--max-batch-delay 20) and are kept for the next versions, except --catalogue-dir, which names one version's
+catalogue on the serving hosts. Register the archive with `python -m serving.manage register <name>-v<N>.mar`.
 """
 import argparse
 import filecmp
@@ -31,15 +38,22 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-import numpy as np
-
 from serving.build_archive import main as build_archive
 from serving.management import write_json
 from serving.torchserve import ROOT
-from training.build_index import EMBEDDINGS_FILE, embed_catalogue, write_indexed_bundle
-from visual_search.bundle import BundleError, load_bundle
+from training.build_index import EMBEDDINGS_FILE, embed_catalogue_to_file
+from visual_search.bundle import (CATALOGUE_DIR, MANIFEST_FILE, BundleError, catalogue_folder, load_bundle,
+                                  publish_bundle, write_bundle)
 from visual_search.catalogue import scan_folder
+from visual_search.catalogue_build import update_catalogue
 from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
+from visual_search.distributed import Context
+from visual_search.model import pick_device
+from visual_search.photo_check import check_photos
+
+ADDED_EMBEDDINGS_FILE = "added-embeddings.npy"  # beside the new bundle: the vectors of the added photos
+NOT_REMEMBERED = ("--catalogue-dir",)  # archive options that name one version's catalogue, not the next one's
+SHOWN_IDS = 10  # ids named in a recorded change
 
 
 def get_args(argv=None):
@@ -54,6 +68,7 @@ def get_args(argv=None):
                                                         "https://cdn.example.com/products/ (default: none, the "
                                                         "reference is relative to the catalogue image folder)")
     p.add_argument("--remove", nargs="+", default=[], metavar="ID", help="ids of items to take out")
+    p.add_argument("--remove-file", default=None, help="a text file of ids to take out, one a line")
     p.add_argument("--checkpoint", default=None, help="retrained checkpoint: re-embed every item with it")
     p.add_argument("--data-dir", default=None, help="the catalogue image folder, which every item's image "
                                                     "reference is relative to; --add copies new photos into it "
@@ -68,6 +83,8 @@ def get_args(argv=None):
     args.archive_options = archive_options
     return args
 
+
+# ---------------------------------------------------------------------------------------------- the record
 
 def record_path(args):
     return Path(args.model_store) / f"{args.name}.versions.json"
@@ -87,24 +104,45 @@ def next_number(record):
     return 1 + max((int(float(v["version"])) for v in record["versions"]), default=0)
 
 
+def remembered(archive_options):
+    """The archive options kept for later versions: all but those of NOT_REMEMBERED (with their values)."""
+    kept, skip = [], False
+    for option in archive_options:
+        if skip:
+            skip = False
+        elif option in NOT_REMEMBERED:
+            skip = True
+        elif not option.startswith(tuple(f"{name}=" for name in NOT_REMEMBERED)):
+            kept.append(option)
+    return kept
+
+
 def pack(args, record, bundle_dir, manifest, change, archive_options, data_dir):
     """Packs `bundle_dir` as the next version and appends it to the record; returns the record entry."""
     number = next_number(record)
     version, archive = f"{number}.0", f"{args.name}-v{number}"
     build_archive(["--bundle", str(bundle_dir), "--name", args.name, "--version", version, "--out-name", archive,
                    "--model-store", args.model_store, *archive_options])
+    reference = manifest["catalogue"]
     entry = {
-        "version": version, "archive": f"{archive}.mar", "change": change, "items": manifest["num_items"],
-        "weights_sha256": manifest["weights_sha256"], "index_sha256": manifest["index_sha256"],
-        "catalogue_sha256": manifest.get("catalogue_sha256"),
+        "version": version, "archive": f"{archive}.mar", "change": change, "items": reference["count"],
+        "weights_sha256": manifest["weights_sha256"], "catalogue_uid": reference["uid"],
+        "catalogue_manifest_sha256": reference["manifest_sha256"],
+        "catalogue_dir": str(catalogue_folder(bundle_dir, manifest).resolve()),
+        "bundled": bool(reference.get("bundled")),
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "bundle": str(Path(bundle_dir).resolve()),
-        "data_dir": str(Path(data_dir).resolve()) if data_dir else None, "archive_options": list(archive_options),
+        "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+        "archive_options": remembered(archive_options),
     }
     record["versions"].append(entry)
     write_json(record_path(args), record)
-    print(f"version {version}: {change} ({entry['items']} items) -> {Path(args.model_store) / entry['archive']}")
+    where = "bundled" if entry["bundled"] else f"outside, in {entry['catalogue_dir']}"
+    print(f"version {version}: {change} ({entry['items']} items, catalogue {where}) -> "
+          f"{Path(args.model_store) / entry['archive']}")
     return entry
 
+
+# ---------------------------------------------------------------------------------------------- images
 
 def image_folder(args, latest, source):
     """The catalogue image folder: --data-dir, else the one recorded with the latest version, else the bundle's."""
@@ -128,88 +166,178 @@ def local_image(item):
     return replace(item, image=f"{item.category}/{PurePosixPath(urlparse(item.image).path).name}")
 
 
-def old_embeddings(args, source_dir, source, model, categories, preprocess, folder):
-    """The vectors of the source's items: embeddings.npy when it fits, else re-embedded from the image folder."""
-    path = Path(source_dir) / EMBEDDINGS_FILE
-    if not args.checkpoint and path.is_file():
-        vectors = np.load(path, allow_pickle=False)
-        if vectors.shape == (len(source.items), source.index.d):
-            return vectors
-    folder = need_folder(folder, "--checkpoint" if args.checkpoint else f"{path} is missing or stale, so re-embedding")
-    return embed_catalogue(model, folder, [local_image(it) for it in source.items], categories, preprocess,
-                           source.normalize, args.device, args.embed_batch_size, args.embed_workers)
-
-
-def copy_into_folder(items, source_root, folder):
-    """Copies each new item's photo to <folder>/<category>/<file>; refuses before copying anything if that would
-    replace a different file. Identical files already there are left as they are."""
+def check_copies(items, source_root, folder):
+    """Refuses, before anything is copied, new photos that would replace a different file in the catalogue image
+    folder (an earlier version may still show that file)."""
     clashes = [folder / it.image for it in items
                if (folder / it.image).exists() and not filecmp.cmp(source_root / it.image, folder / it.image, False)]
     if clashes:
         raise ValueError(f"a different file is already in the catalogue image folder: {', '.join(map(str, clashes))}"
                          " (rename the new photo: its file name is its id)")
+
+
+def copy_into_folder(items, source_root, folder):
+    """Copies each new item's photo to <folder>/<category>/<file>; identical files already there are kept."""
+    check_copies(items, source_root, folder)
     for it in items:
         (folder / it.image).parent.mkdir(parents=True, exist_ok=True)
         if not (folder / it.image).exists():
             shutil.copy2(source_root / it.image, folder / it.image)
 
 
+# ---------------------------------------------------------------------------------------------- the change
+
+def ids_to_remove(args):
+    ids = list(args.remove)
+    if args.remove_file:
+        path = Path(args.remove_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--remove-file not found: {path}")
+        ids += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return list(dict.fromkeys(ids))
+
+
+def named(ids):
+    ids = sorted(ids)
+    more = f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else ""
+    return ", ".join(ids[:SHOWN_IDS]) + more
+
+
+def check_change(catalogue, source_dir, remove, new_items):
+    """Refuses unknown ids to remove, new ids already in the catalogue (unless removed in the same run), and an
+    update that would leave no item; a lookup of the changed ids only."""
+    found = catalogue.items.keys_of(remove)
+    unknown = [i for i in remove if i not in found]
+    if unknown:
+        raise ValueError(f"not in the catalogue of {source_dir}: {named(unknown)}")
+    clashes = set(catalogue.items.keys_of([it.id for it in new_items])) - set(remove)
+    if clashes:
+        raise ValueError(f"ids already in the catalogue: {named(clashes)} (remove them first to replace)")
+    if catalogue.count - len(remove) + len(new_items) <= 0:
+        raise ValueError("removing every item would leave an empty catalogue")
+
+
+def new_catalogue_folder(source, out_dir, name, number):
+    """<out_dir>/catalogue when the source bundles its catalogue; else <source catalogue's parent>/<name>-v<N>
+    (with "-catalogue" added if that is the new bundle folder or holds it, or is held by it)."""
+    if source.manifest["catalogue"].get("bundled"):
+        return out_dir / CATALOGUE_DIR
+    folder = source.catalogue.folder.resolve().parent / f"{name}-v{number}"
+    bundle = out_dir.resolve()
+    if folder == bundle or folder in bundle.parents or bundle in folder.parents:
+        folder = folder.with_name(f"{folder.name}-catalogue")
+    return folder
+
+
+def refuse_existing(out_dir, folder):
+    if (out_dir / MANIFEST_FILE).exists():
+        raise FileExistsError(f"{out_dir} already holds a bundle: choose another --out-dir")
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists: a catalogue folder is written once; move it away or choose "
+                              f"another --out-dir")
+
+
+def index_plan(catalogue_manifest):
+    """The source catalogue's index choice, for a fresh catalogue: its profile (sized anew for the count), or its
+    factory string and search parameters when it was a custom one."""
+    if catalogue_manifest["profile"] == "custom":
+        return {"factory": catalogue_manifest["factory"], "search": catalogue_manifest["search"]}
+    return {"profile": catalogue_manifest["profile"]}
+
+
+def embed_to_file(args, path, model, root, items, categories, preprocess, normalize, out_dir):
+    """Checks that every photo decodes (listing the ones that do not), then streams the embeddings to `path`."""
+    ctx = Context(device=pick_device(args.device))
+    check_photos(ctx, root, items, out_dir, size=preprocess.image_size, workers=args.embed_workers)
+    return embed_catalogue_to_file(ctx, path, model, root, items, categories, preprocess, normalize,
+                                   args.embed_batch_size, args.embed_workers)
+
+
+def updated_in_place(args, source, out_dir, folder, new_catalogue, remove, new_items, notes):
+    """--add / --remove: the source catalogue updated into `new_catalogue`, only the new photos embedded."""
+    vectors = None
+    if new_items:
+        vectors = embed_to_file(args, out_dir / ADDED_EMBEDDINGS_FILE, source.model, args.add, new_items,
+                                source.categories, source.preprocess, source.normalize, out_dir)
+        copy_into_folder(new_items, Path(args.add), folder)
+        if args.image_prefix:
+            new_items = [replace(it, image=args.image_prefix + it.image) for it in new_items]
+    update_catalogue(source.catalogue.folder, new_catalogue, add_items=new_items, add_embeddings=vectors,
+                     remove_ids=remove, notes=notes)
+    return write_bundle(out_dir, model=source.model.cpu(), categories=source.categories,
+                        preprocess=source.preprocess, catalogue_dir=new_catalogue, normalize=source.normalize,
+                        runtime=source.manifest.get("runtime"), notes=notes, image_root=folder)
+
+
+def re_embedded(args, source, out_dir, folder, new_catalogue, remove, new_items, notes):
+    """--checkpoint: every item (less the removed, plus the new) embedded with the retrained weights from the
+    catalogue image folder, published as a fresh catalogue with the source's index profile."""
+    model, categories, preprocess = model_from_checkpoint(load_checkpoint(args.checkpoint))
+    if new_items:
+        copy_into_folder(new_items, Path(args.add), folder)
+        if args.image_prefix:
+            new_items = [replace(it, image=args.image_prefix + it.image) for it in new_items]
+    removed = set(remove)
+    items = [it for it in source.catalogue.all_items() if it.id not in removed] + new_items
+    path = embed_to_file(args, out_dir / EMBEDDINGS_FILE, model, folder, [local_image(it) for it in items],
+                         categories, preprocess, source.normalize, out_dir)
+    bundled = source.manifest["catalogue"].get("bundled")
+    return publish_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess, items=items,
+                          embeddings=path, normalize=source.normalize,
+                          catalogue_dir=None if bundled else new_catalogue, **index_plan(source.catalogue.manifest),
+                          runtime=source.manifest.get("runtime"), notes=notes, image_root=folder)
+
+
 def update(args):
     record = read_record(args)
     latest = record["versions"][-1] if record["versions"] else None
-    source_dir = Path(args.bundle or (latest and latest["bundle"]) or "")
     if not args.bundle and not latest:
         raise ValueError(f"no versions recorded in {record_path(args)}: pass --bundle, the current bundle")
+    source_dir = Path(args.bundle or latest["bundle"])
     source = load_bundle(source_dir)
+    try:
+        return update_from(args, record, latest, source_dir, source)
+    finally:
+        source.catalogue.close()
+
+
+def update_from(args, record, latest, source_dir, source):
     folder = image_folder(args, latest, source)
-    archive_options = args.archive_options or (latest["archive_options"] if latest else [])
+    archive_options = args.archive_options
+    if latest and not remembered(archive_options):  # none given, or only this version's --catalogue-dir
+        archive_options = latest["archive_options"] + archive_options
+    remove = ids_to_remove(args)
+    new_items = scan_folder(args.add) if args.add else []
+    check_change(source.catalogue, source_dir, remove, new_items)  # before anything is written
+    if args.add:
+        folder = need_folder(folder, "--add")
+        check_copies(new_items, Path(args.add), folder)
+    if args.checkpoint:
+        folder = need_folder(folder, "--checkpoint")
     first = latest is None
     if first:  # the source becomes version 1, so that there is something to roll back to
         latest = pack(args, record, source_dir, source.manifest, f"initial catalogue from {source_dir}",
                       archive_options, folder)
-    if not (args.add or args.remove or args.checkpoint):
+    if not (args.add or remove or args.checkpoint):
         if first:
             return latest
         raise ValueError("nothing to change: pass --add, --remove or --checkpoint")
 
-    model, categories, preprocess = source.model, source.categories, source.preprocess
-    if args.checkpoint:
-        model, categories, preprocess = model_from_checkpoint(load_checkpoint(args.checkpoint))
-    items = list(source.items)
-    vectors = old_embeddings(args, source_dir, source, model, categories, preprocess, folder)
-    changes = [f"retrained weights from {args.checkpoint}"] if args.checkpoint else []
+    number = next_number(record)
+    out_dir = Path(args.out_dir) if args.out_dir else source_dir.parent / f"{args.name}-v{number}"
+    new_catalogue = new_catalogue_folder(source, out_dir, args.name, number)
+    refuse_existing(out_dir, new_catalogue)
 
-    if args.remove:
-        unknown = sorted(set(args.remove) - {it.id for it in items})
-        if unknown:
-            raise ValueError(f"not in the catalogue of {source_dir}: {', '.join(unknown)}")
-        keep = [i for i, it in enumerate(items) if it.id not in set(args.remove)]
-        if not keep:
-            raise ValueError("removing every item would leave an empty catalogue")
-        items, vectors = [items[i] for i in keep], vectors[keep]
-        changes.append(f"removed {len(args.remove)} item(s): {', '.join(sorted(args.remove))}")
-    if args.add:
-        folder = need_folder(folder, "--add")
-        new_items = scan_folder(args.add)
-        clashes = sorted({it.id for it in new_items} & {it.id for it in items})
-        if clashes:
-            raise ValueError(f"ids already in the catalogue: {', '.join(clashes)} (remove them first to replace)")
-        new_vectors = embed_catalogue(model, args.add, new_items, categories, preprocess, source.normalize,
-                                      args.device, args.embed_batch_size, args.embed_workers)
-        copy_into_folder(new_items, Path(args.add), folder)
-        if args.image_prefix:
-            new_items = [replace(it, image=args.image_prefix + it.image) for it in new_items]
-        items, vectors = items + new_items, np.concatenate([vectors, new_vectors])
+    changes = [f"retrained weights from {args.checkpoint}"] if args.checkpoint else []
+    if remove:
+        changes.append(f"removed {len(remove)} item(s): {named(remove)}")
+    if new_items:
         changes.append(f"added {len(new_items)} item(s) from {args.add}, copied into {folder}")
     if args.note:
         changes.append(args.note)
-
-    number = next_number(record)
-    out_dir = Path(args.out_dir) if args.out_dir else source_dir.parent / f"{args.name}-v{number}"
-    manifest = write_indexed_bundle(out_dir, model=model, categories=categories, preprocess=preprocess, items=items,
-                                    embeddings=vectors, factory=source.manifest["index_factory"],
-                                    normalize=source.normalize, runtime=source.manifest.get("runtime"),
-                                    notes=f"version {number}.0 from {latest['version']}: {'; '.join(changes)}")
+    notes = f"version {number}.0 from {latest['version']}: {'; '.join(changes)}"
+    make = re_embedded if args.checkpoint else updated_in_place
+    manifest = make(args, source, out_dir, folder, new_catalogue, remove, new_items, notes)
     return pack(args, record, out_dir, manifest, "; ".join(changes), archive_options, folder)
 
 
@@ -217,7 +345,7 @@ def main(argv=None):
     args = get_args(argv)
     try:
         return update(args)
-    except (BundleError, ValueError, FileNotFoundError) as error:
+    except (BundleError, ValueError, FileNotFoundError, FileExistsError) as error:
         sys.exit(f"error: {error}")
 
 
