@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visual_search.bundle import publish_bundle
 from visual_search.catalogue import Item
 from visual_search.images import decode_image
 from visual_search.index import l2_normalize
@@ -60,6 +59,8 @@ def synthetic_bundle(out_dir, image_size, calibration, catalogue_photos=(), cata
     embeddings = np.concatenate(vectors)
     items = [Item(f"item-{i:07d}", CATEGORIES[i % 3], f"{CATEGORIES[i % 3]}/item-{i:07d}.jpg")
              for i in range(len(embeddings))]
+    from visual_search.bundle import publish_bundle  # noqa: PLC0415 (handler_child imports this module beside an
+    #                                                  archive's own, possibly older, visual_search package)
     publish_bundle(out_dir, model=model, categories=CATEGORIES, preprocess=preprocess, items=items,
                    embeddings=embeddings, normalize=True, profile="exact", notes="synthetic benchmark bundle",
                    progress=False)

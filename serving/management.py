@@ -9,6 +9,7 @@ The previous default versions live in a small JSON file (default_history.json in
 """
 import json
 import os
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -181,12 +182,29 @@ class ManagementClient:
         if name in self.model_names() and version in [v["modelVersion"] for v in self.versions(name)]:
             raise ManagementError(f"{name} version {version} is already registered; unregister it first or "
                                   f"build the archive with another version")
-        self.call("POST", "/models", {"url": archive_name, "initial_workers": workers, "synchronous": "true"})
+        try:
+            self.call("POST", "/models", {"url": archive_name, "initial_workers": workers, "synchronous": "true"})
+        except ManagementError as error:
+            reason = self.worker_error(name, version)
+            raise ManagementError(f"{error}; the worker said: {reason}" if reason else str(error)) from None
         self.wait_ready(name, version, min(workers, 1), ready_timeout)
         self._remember(name, self.default_version(name))
         if set_default:
             self.set_default(name, version)
         return name, version
+
+    def worker_error(self, name, version):
+        """The last exception line a worker of name/version logged (model_log.log beside the key file), or None:
+        TorchServe answers a failed load with "Failed to start workers" alone."""
+        log = self.key_file.parent / "logs" / "model_log.log"
+        try:
+            lines = log.read_text(errors="replace").splitlines()[-2000:]
+        except OSError:
+            return None
+        tag = f"-{name}_{version}-stdout MODEL_LOG - "
+        errors = [line.split(tag, 1)[1] for line in lines
+                  if tag in line and re.match(r"[\w.]+(Error|Exception): ", line.split(tag, 1)[1])]
+        return errors[-1] if errors else None
 
     def set_default(self, name, version, ready_timeout=300):
         """Makes `version` the default, once it has a READY worker, and records the switch for rollback."""

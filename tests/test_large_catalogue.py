@@ -378,12 +378,14 @@ def test_outside_catalogue_on_two_workers_answers_as_the_bundled_one(server, wor
 # ------------------------------------------------------------------------------------------------- refused at load
 
 def register_refused(server, since):
-    """Registers the broken archive; asserts TorchServe refuses it and returns its model log from `since`."""
+    """Registers the broken archive; asserts TorchServe refuses it and returns (the tool's error message, the model
+    log from `since`)."""
     client = ManagementClient.from_state(server.state_dir, timeout=120)
-    with pytest.raises(ManagementError, match=f"HTTP 500: Failed to start workers for model {BROKEN}"):
+    with pytest.raises(ManagementError, match=f"HTTP 500: Failed to start workers for model {BROKEN}") as refused:
         client.register(f"{BROKEN}.mar", workers=1, ready_timeout=60)
     assert BROKEN not in client.model_names()  # TorchServe took the failed registration back
-    return (server.state_dir / "logs" / "model_log.log").read_bytes()[since:].decode(errors="replace")
+    return str(refused.value), (server.state_dir / "logs" / "model_log.log").read_bytes()[since:].decode(
+        errors="replace")
 
 
 def test_a_swapped_or_truncated_catalogue_file_is_refused_at_load(server, world, catalogues_env):
@@ -399,9 +401,11 @@ def test_a_swapped_or_truncated_catalogue_file_is_refused_at_load(server, world,
     assert not filecmp.cmp(other / INDEX_FILE, index, shallow=False)
     index.unlink()
     os.link(other / INDEX_FILE, index)
-    text = register_refused(server, log.stat().st_size)
-    assert f"BundleError: {broken}: {INDEX_FILE} is not the file this catalogue was published with (its sampled " \
-           f"bytes differ: swapped or modified)" in text, text[-3000:]
+    message, text = register_refused(server, log.stat().st_size)
+    reason = (f"BundleError: {broken}: {INDEX_FILE} is not the file this catalogue was published with (its sampled "
+              f"bytes differ: swapped or modified)")
+    assert reason in text, text[-3000:]
+    assert message.endswith(f"the worker said: visual_search.bundle.{reason}"), message  # what the operator sees
     index.unlink()
     os.link(world["shop"] / INDEX_FILE, index)
 
@@ -412,9 +416,9 @@ def test_a_swapped_or_truncated_catalogue_file_is_refused_at_load(server, world,
     with open(world["shop"] / segment.name, "rb") as source, open(segment, "wb") as target:
         shutil.copyfileobj(source, target, 1 << 20)
         target.truncate(size - 8192)
-    text = register_refused(server, log.stat().st_size)
-    assert f"BundleError: {broken}: {segment.name} is {size - 8192} bytes, the manifest says {size} (truncated)" \
-        in text, text[-3000:]
+    message, text = register_refused(server, log.stat().st_size)
+    reason = f"BundleError: {broken}: {segment.name} is {size - 8192} bytes, the manifest says {size} (truncated)"
+    assert reason in text and reason in message, (message, text[-3000:])
 
     # The same archive on the folder as published loads: it was the spoiled files that were refused.
     segment.unlink()
