@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent
 PROFILES = {
     # 6,000 training images at 48 px, 3 epochs of one-cycle SGD: about 4 minutes of training on 2 cores.
     "cpu": dict(image_size=48, max_per_category=857, epochs=3, batch_size=64, lr=0.02, eval_per_category=200,
-                serve_batch=4, serve_delay_ms=20),
+                serve_batch=4, serve_delay_ms=5),
     # The full catalogue at the service's 225 px.
     "gpu": dict(image_size=225, max_per_category=None, epochs=8, batch_size=64, lr=0.02, eval_per_category=None,
                 serve_batch=64, serve_delay_ms=5),
