@@ -96,7 +96,7 @@ def main(argv=None):
           + (["--max-per-category", str(profile["max_per_category"])] if profile["max_per_category"] else []))
     print(f"trained in {time.time() - t:.0f}s; checkpoints in {run_dir}")
 
-    t = step("3/6 embedding the catalogue (the training split) into a FAISS index")
+    t = step("3/6 embedding the catalogue (the training split) and publishing it as a catalogue folder")
     build_index(["--checkpoint", str(run_dir / "last.pt"), "--data-dir", str(data_dir),
                  "--out-dir", str(run_dir / "bundle")])
     print(f"({time.time() - t:.0f}s)")

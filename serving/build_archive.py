@@ -52,8 +52,9 @@ def get_args(argv=None):
                                                     "name inside the archive stays --name")
     p.add_argument("--batch-size", type=int, default=4,
                    help="TorchServe's dynamic batch size (4 measured best on 2 CPU cores; 64-256 on a GPU)")
-    p.add_argument("--max-batch-delay", type=int, default=5, help="ms to wait for a batch to fill (5 measured best on 2 CPU "
-                                                                  "cores: a lone request then costs what the model does)")
+    p.add_argument("--max-batch-delay", type=int, default=5,
+                   help="ms to wait for a batch to fill (5 measured best on 2 CPU cores: a lone request then costs "
+                        "what the model does)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--max-workers", type=int, default=None)
     p.add_argument("--response-timeout", type=int, default=120, help="s")
