@@ -68,7 +68,7 @@ def child(args):
     import visual_search  # noqa: PLC0415
     from visual_search import bundle as bundles  # noqa: PLC0415
     from visual_search.catalogue import Item  # noqa: PLC0415
-    from visual_search.index import build_index, l2_normalize  # noqa: PLC0415
+    from visual_search.index import l2_normalize  # noqa: PLC0415
     from visual_search.model import ProductNet  # noqa: PLC0415
     from visual_search.preprocessing import PreprocessSettings  # noqa: PLC0415
     from visual_search.runtime import Runtime  # noqa: PLC0415
@@ -84,6 +84,7 @@ def child(args):
         if hasattr(bundles, "publish_bundle"):  # a catalogue folder (this code)
             bundles.publish_bundle(tmp, embeddings=vectors, progress=False, **common)
         else:  # the bundle format before catalogue folders (--code of an older checkout)
+            from visual_search.index import build_index  # noqa: PLC0415 (that checkout's)
             bundles.write_bundle(tmp, index=build_index(vectors), index_factory="Flat", **common)
         runtime = Runtime(bundles.load_bundle(tmp), "cpu")
     rows = [{"body": jpeg} for _ in range(args.images)]

@@ -1,9 +1,9 @@
-"""The FAISS index: index_factory strings, FAISS's own file format, validation on load."""
+"""The FAISS index: profiles, index_factory strings, FAISS's own file format, memory-mapped opening."""
 import faiss
 import numpy as np
 import pytest
 
-from visual_search.index import build_index, l2_normalize, load_index, save_index, search
+from visual_search.index import l2_normalize, mmap_flag_for, new_index, open_index, save_index
 
 
 @pytest.fixture
@@ -11,38 +11,38 @@ def vectors():
     return l2_normalize(np.random.default_rng(0).normal(size=(300, 2048)).astype(np.float32))
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,Flat"])
-def test_round_trip_gives_the_same_answers(vectors, tmp_path, factory):
-    index = build_index(vectors, factory)
-    save_index(index, tmp_path / "catalogue.faiss")
-    loaded = load_index(tmp_path / "catalogue.faiss", expected_count=300)
-    before, after = search(index, vectors[:10], 4), search(loaded, vectors[:10], 4)
-    assert np.array_equal(before[1], after[1]) and np.allclose(before[0], after[0])
+def filled(factory, vectors):
+    index = new_index(factory)
+    if not index.is_trained:
+        index.train(vectors)
+    index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64) * 3)  # ids are keys, not positions
+    return index
 
 
-def test_exact_index_finds_each_vector_first(vectors):
-    distances, positions = search(build_index(vectors), vectors[:20], 4)
-    assert list(positions[:, 0]) == list(range(20))
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,Flat", "IVF4,SQ8"])
+def test_round_trip_in_faiss_format_gives_the_same_answers_mapped_or_not(vectors, tmp_path, factory):
+    index = filled(factory, vectors)
+    save_index(index, tmp_path / "index.faiss")
+    before = index.search(vectors[:10], 4)
+    for flag in (None, mmap_flag_for(index)):
+        loaded = open_index(tmp_path / "index.faiss", flag)
+        after = loaded.search(vectors[:10], 4)
+        assert loaded.ntotal == 300 and np.array_equal(before[1], after[1]) and np.allclose(before[0], after[0])
+
+
+def test_an_exact_index_finds_each_vector_first_by_its_key(vectors):
+    distances, keys = filled("Flat", vectors).search(vectors[:20], 4)
+    assert list(keys[:, 0]) == [3 * i for i in range(20)]
     assert np.allclose(distances[:, 0], 0.0, atol=1e-4)
     assert (np.diff(distances, axis=1) >= 0).all()
 
 
-def test_fewer_items_than_k_pads_with_minus_one(vectors):
-    _, positions = search(build_index(vectors[:2]), vectors[:1], 4)
-    assert list(positions[0][2:]) == [-1, -1]
-
-
-def test_wrong_dimension_and_count_fail_loudly(vectors, tmp_path):
-    with pytest.raises(ValueError, match="2048"):
-        build_index(vectors[:, :512])
-    faiss.write_index(faiss.IndexFlatL2(1000), str(tmp_path / "small.faiss"))
-    with pytest.raises(ValueError, match="dimension 1000"):
-        load_index(tmp_path / "small.faiss")
-    save_index(build_index(vectors), tmp_path / "ok.faiss")
-    with pytest.raises(ValueError, match="300 vectors but the catalogue has 299"):
-        load_index(tmp_path / "ok.faiss", expected_count=299)
+def test_unknown_factory_strings_and_mmap_flags_fail_loudly(vectors, tmp_path):
     with pytest.raises(ValueError, match="index_factory"):
-        build_index(vectors, "NoSuchIndex42")
+        new_index("NoSuchIndex42")
+    save_index(filled("Flat", vectors), tmp_path / "ok.faiss")
+    with pytest.raises(ValueError, match="unknown mmap flag"):
+        open_index(tmp_path / "ok.faiss", "IO_FLAG_EVERYTHING")
 
 
 def test_unit_length_rows():
@@ -79,11 +79,6 @@ def test_any_factory_string_still_works_and_ivf_never_defaults_to_one_list():
         plan_index(100, search={"nprob": 4})
     with pytest.raises(ValueError, match="positive integer"):
         plan_index(100, search={"nprobe": 0})
-
-
-def test_legacy_ivf_bundles_save_a_useful_nprobe(vectors, tmp_path):
-    save_index(build_index(vectors, "IVF16,Flat"), tmp_path / "ivf.faiss")
-    assert faiss.extract_index_ivf(load_index(tmp_path / "ivf.faiss")).nprobe == 8
 
 
 def test_search_parameters_reach_the_ivf_inside_wrappers(vectors):

@@ -447,8 +447,3 @@ class Catalogue:
         neighbours = [Neighbour(rows[key][0], self.categories[rows[key][1]], rows[key][2], float(d))
                       for d, key in zip(distances, keys) if key >= 0]
         return Hits(neighbours, k, available, listing)
-
-
-def faiss_threads(n):
-    """Threads FAISS may use in this process (TorchServe workers: 1 each is usually best)."""
-    faiss.omp_set_num_threads(int(n))

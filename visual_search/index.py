@@ -24,7 +24,6 @@ import numpy as np
 
 from . import EMBEDDING_DIM
 
-DEFAULT_FACTORY = "Flat"  # exact L2
 SEARCH_PARAM_NAMES = ("nprobe", "efSearch", "quantizer_efSearch", "k_factor", "filter_factor")
 EXACT_UP_TO = 50_000  # items; above this the "accurate" profile is recommended
 ACCURATE_UP_TO = 10_000_000  # items; above this the "compact" profile is recommended
@@ -200,43 +199,8 @@ def train_rows(index, count):
     return int(min(count, want))
 
 
-def build_index(embeddings, factory=DEFAULT_FACTORY):
-    """An index over all of `embeddings` (rows 0..N-1), trained on them if needed: the in-memory path for small
-    bundles. Large catalogues use visual_search.catalogue_build, which trains on a sample and adds in chunks."""
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if embeddings.ndim != 2 or embeddings.shape[1] != EMBEDDING_DIM:
-        raise ValueError(f"expected embeddings of shape [N, {EMBEDDING_DIM}], got {embeddings.shape}")
-    try:
-        index = faiss.index_factory(EMBEDDING_DIM, factory, faiss.METRIC_L2)
-    except RuntimeError as error:
-        raise ValueError(f"FAISS cannot build index_factory string {factory!r}: {error}") from None
-    if not index.is_trained:
-        index.train(embeddings)
-    index.add(embeddings)
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:  # nprobe is saved with the index: never the single-list default
-        ivf.nprobe = min(ivf.nlist, max(8, ivf.nlist // 64))
-    return index
-
-
 def save_index(index, path):
     faiss.write_index(index, str(path))
-
-
-def load_index(path, expected_count=None):
-    """Reads an index written by save_index and checks its dimension and, if given, its size."""
-    index = faiss.read_index(str(path))
-    if index.d != EMBEDDING_DIM:
-        raise ValueError(f"{path}: index dimension {index.d}, expected {EMBEDDING_DIM}")
-    if expected_count is not None and index.ntotal != expected_count:
-        raise ValueError(f"{path}: index holds {index.ntotal} vectors but the catalogue has {expected_count} items")
-    return index
-
-
-def search(index, queries, k):
-    """(distances, positions), each [len(queries), k]; positions are -1 where the index has fewer than k items."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    return index.search(queries, k)
 
 
 # ---------------------------------------------------------------------------------------------- opening
