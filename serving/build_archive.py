@@ -21,6 +21,7 @@ import yaml
 
 from serving.torchserve import tool
 from visual_search.bundle import BUNDLE_FILES, CATALOGUE_DIR, MANIFEST_FILE, load_bundle
+from visual_search.cli import HelpFormatter
 from visual_search.runtime import PRECISIONS, RuntimeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ def model_config(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--bundle", required=True, help="bundle folder written by training.build_index")
     p.add_argument("--name", default="visual-search", help="model name in TorchServe's URLs")
     p.add_argument("--version", default="1.0")

@@ -25,6 +25,7 @@ from visual_search import EMBEDDING_DIM, distributed
 from visual_search.bundle import publish_bundle
 from visual_search.catalogue import read_csv, scan_folder
 from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
+from visual_search.cli import HelpFormatter
 from visual_search.embedding import embed_items, iter_embeddings
 from visual_search.index import PROFILES, l2_normalize
 from visual_search.model import pick_device
@@ -34,7 +35,7 @@ EMBEDDINGS_FILE = "embeddings.npy"  # beside the bundle, the publishing step's i
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-dir", required=True, help="root that catalogue image references are relative to")
     p.add_argument("--out-dir", required=True, help="bundle folder (under torchrun on storage every node shares)")

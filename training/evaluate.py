@@ -14,13 +14,14 @@ import numpy as np
 
 from visual_search.bundle import load_bundle
 from visual_search.catalogue import read_csv, subsample
+from visual_search.cli import HelpFormatter
 from visual_search.embedding import embed_items
 from visual_search.index import l2_normalize
 from visual_search.model import pick_device
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--bundle", required=True, help="bundle folder written by training.build_index")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--queries", required=True, help="CSV of held-out images (the run's val.csv)")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from visual_search import distributed
 from visual_search.catalogue import read_csv, scan_folder, split_items, subsample, write_csv
 from visual_search.checkpoint import load_checkpoint, save_checkpoint, write_atomically
+from visual_search.cli import HelpFormatter
 from visual_search.dataset import ItemDataset, ShardSampler, make_loader
 from visual_search.model import build_model
 from visual_search.photo_check import BadPhotosError, check_photos
@@ -32,7 +33,7 @@ from visual_search.sync_batchnorm import convert_sync_batchnorm
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-dir", required=True, help="folder with one sub-folder of images per category")
     p.add_argument("--out-dir", required=True, help="run folder: split, checkpoints, TensorBoard logs")
     p.add_argument("--val-fraction", type=float, default=0.3)
