@@ -189,7 +189,7 @@ def run_size(args, model, real_items, size, out):
             "sweep": [{"nprobe": s["nprobe"], "qps_single": 1 / s["single_seconds"],
                        "recall_at_10": recall_at(s["answers"], truth, row_of)} for s in found["sweep"]],
         }
-        print(f"    pss of two processes on one catalogue", flush=True)
+        print("    pss of two processes on one catalogue", flush=True)
         entry["two_processes"] = pss_of(args, catalogues[profile], work / "queries.npy", work)
         result["profiles"][profile] = entry
         print(f"    recall@10 {entry['recall_at_10']:.3f} filtered {entry['filtered_recall_at_10']:.3f} | "

@@ -26,9 +26,8 @@ from visual_search.bundle import publish_bundle
 from visual_search.catalogue import read_csv, scan_folder
 from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
 from visual_search.cli import HelpFormatter
-from visual_search.embedding import embed_items, iter_embeddings
+from visual_search.embedding import iter_embeddings
 from visual_search.index import PROFILES, l2_normalize
-from visual_search.model import pick_device
 from visual_search.photo_check import BadPhotosError, check_photos
 
 EMBEDDINGS_FILE = "embeddings.npy"  # beside the bundle, the publishing step's input; not shipped in the archive
@@ -70,14 +69,6 @@ def catalogue_items(args):
     return read_csv(path)
 
 
-def embed_catalogue(model, data_dir, items, categories, preprocess, normalize, device="auto", batch_size=64,
-                    workers=0):
-    """float32 [N, 2048] embeddings of `items` in memory, unit-length if `normalize` (for small catalogue updates)."""
-    embeddings, _ = embed_items(model, data_dir, items, categories, preprocess, pick_device(device), batch_size,
-                                workers, desc="embedding catalogue")
-    return l2_normalize(embeddings) if normalize else embeddings.astype(np.float32)
-
-
 def embed_catalogue_to_file(ctx, path, model, data_dir, items, categories, preprocess, normalize, batch_size=64,
                             workers=0):
     """Streams the embeddings of `items` into the .npy at `path`, each rank the rows of its contiguous share.
@@ -107,17 +98,6 @@ def embed_catalogue_to_file(ctx, path, model, data_dir, items, categories, prepr
     if ctx.is_main:
         partial.replace(path)
     return path
-
-
-def write_indexed_bundle(out_dir, *, embeddings, **bundle):
-    """Saves in-memory `embeddings` as out_dir/embeddings.npy, then publishes the bundle from that file."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / f"{EMBEDDINGS_FILE}.partial"
-    with open(partial, "wb") as f:
-        np.save(f, np.asarray(embeddings, dtype=np.float32), allow_pickle=False)
-    partial.replace(out_dir / EMBEDDINGS_FILE)
-    return publish_bundle(out_dir, embeddings=out_dir / EMBEDDINGS_FILE, **bundle)
 
 
 def build(args, ctx):

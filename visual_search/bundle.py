@@ -22,7 +22,7 @@ import torch
 
 from . import ARCHIVE_FORMAT_VERSION, EMBEDDING_DIM
 from .catalogue_build import publish_catalogue
-from .catalogue_files import CatalogueError
+from .catalogue_files import CatalogueError, read_manifest as read_catalogue_manifest
 from .catalogue_store import catalogue_reference, open_catalogue
 from .model import ProductNet
 from .preprocessing import PreprocessSettings
@@ -78,7 +78,7 @@ def write_bundle(out_dir, *, model, categories, preprocess, catalogue_dir, norma
                           f"the bundle would embed queries {'unit-length' if normalize else 'raw'}")
     bundled = Path(catalogue_dir).resolve() == (out_dir / CATALOGUE_DIR).resolve()
     torch.save(model.state_dict(), out_dir / MODEL_FILE)
-    catalogue_manifest = json.loads((Path(catalogue_dir) / "catalogue.json").read_text())
+    catalogue_manifest = read_catalogue_manifest(catalogue_dir)
     manifest = {
         "format_version": ARCHIVE_FORMAT_VERSION,
         "embedding_dim": EMBEDDING_DIM,
