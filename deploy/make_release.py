@@ -4,26 +4,40 @@
         model_store/visual-search-v2.mar model_store/visual-search-v1.mar --default visual-search=2.0
 
 writes
-    <out>/model-store/<archive>.mar           a copy of each archive given
+    <out>/model-store/<archive>.mar           a copy of each archive given (with --threads, a copy whose
+                                              model-config.yaml sets handler.threads)
     <out>/config/config.properties            deploy/storage/config/config.properties, its model_snapshot listing
                                               every archive given, with the --default version of each model as
                                               TorchServe's default version
 Each version gets the batch and worker settings of the template's first snapshot entry, unless --batch-size,
 --max-batch-delay or --workers say otherwise. A model with one archive needs no --default. The folder must not
-exist yet: a release is never changed once pods serve it; the next one is a new folder.
+exist yet: a release is never changed once pods serve it; the next one is a new folder. It is written under a
+temporary name beside it, every file fsync'd, and renamed into place at the end: a failed run leaves nothing.
 Then point the Deployment's subPath, or the InferenceService's storageUri, at the new folder (docs/deploy.md).
 """
 import argparse
+import ctypes
+import errno
 import json
+import os
+import secrets
 import shutil
 import sys
+import zipfile
+import zlib
 from pathlib import Path
+
+import yaml
 
 from serving.management import ManagementError, archive_identity
 from serving.torchserve import read_properties
 
 TEMPLATE = Path(__file__).resolve().parent / "storage" / "config" / "config.properties"
 SNAPSHOT_KEY = "model_snapshot"
+ARCHIVE_MANIFEST = "MAR-INF/MANIFEST.json"
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
 
 
 class ReleaseError(ValueError):
@@ -40,7 +54,17 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-batch-delay", type=int, default=None, help="ms")
     p.add_argument("--workers", type=int, default=None, help="minWorkers and maxWorkers of each version")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch and FAISS threads of each worker of each version (handler.threads in each archive's "
+                        "model-config.yaml; default: the archive's own setting)")
     return p.parse_args(argv)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a whole number of at least 1")
+    return value
 
 
 def version_settings(template_snapshot, args):
@@ -103,10 +127,158 @@ def parse_defaults(pairs):
     return defaults
 
 
+def archive_config_name(path):
+    """The name of the archive's model-config.yaml: MAR-INF/MANIFEST.json's model.configFile."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = json.loads(archive.read(ARCHIVE_MANIFEST))["model"].get("configFile")
+            present = name in archive.namelist()
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise ReleaseError(f"{path} is not a readable model archive: {error}") from None
+    if not name or not present:
+        raise ReleaseError(f"{path} has no model-config.yaml ({ARCHIVE_MANIFEST} model.configFile), so --threads "
+                           f"has nowhere to go: build it with serving.build_archive")
+    return name
+
+
+def config_with_threads(text, threads):
+    """model-config.yaml's text with handler.threads set; every other setting kept."""
+    config = yaml.safe_load(text) or {}
+    handler = (config.get("handler") or {}) if isinstance(config, dict) else None
+    if not isinstance(handler, dict):
+        raise ReleaseError("model-config.yaml is not a mapping with a handler mapping")
+    config["handler"] = {**handler, "threads": threads}
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def write_archive_with_threads(source, file, threads):
+    """Writes to `file` the archive `source` with handler.threads set in its model-config.yaml; every other entry
+    is copied unchanged (name, date, attributes, compression method and content)."""
+    config_name = archive_config_name(source)
+    try:
+        copy_archive(source, file, config_name, threads)
+    except (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ReleaseError(f"{source}: {error}") from None
+
+
+def copy_archive(source, file, config_name, threads):
+    """Copies every entry of `source` into the zip `file`, the one named `config_name` with handler.threads set."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(file, "w") as copy:
+        copy.comment = original.comment
+        for entry in original.infolist():
+            info = zipfile.ZipInfo(entry.filename, entry.date_time)
+            info.compress_type, info.external_attr = entry.compress_type, entry.external_attr
+            info.create_system, info.comment = entry.create_system, entry.comment
+            if entry.filename == config_name:
+                copy.writestr(info, config_with_threads(original.read(entry).decode("utf-8"), threads))
+            elif entry.is_dir():
+                copy.writestr(info, b"")
+            else:
+                info.file_size = entry.file_size  # lets zipfile choose ZIP64 for entries of 2 GiB and more
+                with original.open(entry) as reader, copy.open(info, "w") as writer:
+                    shutil.copyfileobj(reader, writer, 1 << 20)
+
+
+def copy_into(path, file):
+    with open(path, "rb") as source:
+        shutil.copyfileobj(source, file, 1 << 20)
+
+
+def sync_folder(folder):
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rename_without_replacing(source, target):
+    """Renames `source` to `target`; FileExistsError, and nothing changed, when `target` exists. renameat2's
+    RENAME_NOREPLACE where the file system has it; else a hard link (files) or a check (folders)."""
+    if _renameat2 is not None:
+        if _renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target), RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), str(target))
+    if os.path.isdir(source):
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+        os.rename(source, target)
+    else:
+        os.link(source, target)
+        os.unlink(source)
+
+
+def write_file(target, write, stat_from=None):
+    """Writes `target` through a unique temporary name beside it: write(file), the mode and times of `stat_from`
+    if given, fsync, a rename that never replaces an existing file, and an fsync of the folder."""
+    target = Path(target)
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(8)}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            if stat_from is not None:
+                shutil.copystat(stat_from, partial)
+            os.fsync(file.fileno())
+        rename_without_replacing(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    sync_folder(target.parent)
+
+
+def make_folders(folder):
+    """Creates `folder` and any missing parent, each one fsync'd into its parent; returns those it created,
+    deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+        sync_folder(created.parent)
+    return missing
+
+
+def write_release(out, archives, config, threads):
+    """Writes the release folder `out` under a temporary name beside it and renames it into place."""
+    created = make_folders(out.parent)
+    staging = out.with_name(f".{out.name}.{secrets.token_hex(8)}.partial")
+    try:
+        staging.mkdir()
+        for folder in ("model-store", "config"):
+            (staging / folder).mkdir()
+        for path in archives:
+            target = staging / "model-store" / path.name
+            if threads is None:
+                write_file(target, lambda file, path=path: copy_into(path, file), stat_from=path)
+            else:
+                write_file(target, lambda file, path=path: write_archive_with_threads(path, file, threads))
+        write_file(staging / "config" / "config.properties", lambda file: file.write(config.encode("utf-8")))
+        sync_folder(staging)
+        try:
+            rename_without_replacing(staging, out)
+        except FileExistsError:
+            raise ReleaseError(f"{out} appeared while the release was written: a release folder is never "
+                               f"changed; make a new one") from None
+        sync_folder(out.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def make_release(args):
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ReleaseError(f"{out} already holds files: a release folder is never changed; make a new one")
+    if os.path.lexists(out):
+        raise ReleaseError(f"{out} already exists: a release folder is never changed; make a new one")
     template = Path(args.template)
     template_snapshot = json.loads(read_properties(template).get(SNAPSHOT_KEY, "null") or "null")
     if not template_snapshot:
@@ -117,11 +289,10 @@ def make_release(args):
         raise ReleaseError("two archives have the same file name; the model store is one flat folder")
     snapshot = snapshot_for(archives, parse_defaults(args.default), version_settings(template_snapshot, args))
     text = config_text(template.read_text(), snapshot)
-    (out / "model-store").mkdir(parents=True, exist_ok=True)
-    (out / "config").mkdir(exist_ok=True)
-    for path in archives:
-        shutil.copy2(path, out / "model-store" / path.name)
-    (out / "config" / "config.properties").write_text(text)
+    if args.threads is not None:
+        for path in archives:
+            archive_config_name(path)  # refuse before writing anything
+    write_release(out, list(archives), text, args.threads)
     return snapshot
 
 
@@ -135,6 +306,8 @@ def main(argv=None):
         for version, entry in sorted(versions.items()):
             mark = "default" if entry["defaultVersion"] else ""
             print(f"{name}  {version}  {entry['marName']}  {mark}")
+    if args.threads is not None:
+        print(f"{args.threads} threads per worker (handler.threads in each archive's model-config.yaml)")
     print(f"release written to {args.out}")
     return snapshot
 

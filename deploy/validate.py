@@ -1,13 +1,20 @@
-"""Check Kubernetes manifests offline against the published schemas.
+"""Check Kubernetes manifests offline against the published schemas, and that they leave no pod open.
 
     python -m deploy.validate                    # every manifest in deploy/kubernetes/ and deploy/kserve/
-    python -m deploy.validate deploy/kserve/inferenceservice.yaml
+    python -m deploy.validate --config /mnt/models-rw/visual-search/release-2/config/config.properties
+    python -m deploy.validate deploy/kserve/inferenceservice.yaml deploy/kserve/networkpolicy.yaml
 
 Core kinds (Deployment, Service, HorizontalPodAutoscaler, PersistentVolumeClaim, NetworkPolicy, ...) go to
 kubernetes-validate, which holds the Kubernetes API's own schemas, for --kubernetes-version. KServe's
 InferenceService goes to the part of KServe's CRD schema vendored in deploy/schemas/ (its header says which part
 and from where). Both are strict: an unknown field is an error, as with `kubectl apply --validate=strict`.
-Prints one line per resource and exits 1 when any is invalid.
+
+Then the set of manifests given is checked as a whole against the TorchServe config its pods read (--config,
+default deploy/storage/config/config.properties). Where token authorization is off there, every pod that serves
+must be closed by the manifests themselves: each InferenceService labelled cluster-local, and every serving pod
+selected by a NetworkPolicy that restricts ingress, with no rule that lets in every source, and by no NodePort
+or LoadBalancer Service. Prints one line per resource and per serving workload; exits 1 when any resource is
+invalid or any workload is open.
 """
 import argparse
 import sys
@@ -21,6 +28,18 @@ DEPLOY = Path(__file__).resolve().parent
 MANIFEST_DIRS = (DEPLOY / "kubernetes", DEPLOY / "kserve")
 CRD_SCHEMAS = {("serving.kserve.io/v1beta1", "InferenceService"): DEPLOY / "schemas" / "inferenceservice-v1beta1.yaml"}
 KUBERNETES_VERSION = "1.37.0"
+RELEASE_CONFIG = DEPLOY / "storage" / "config" / "config.properties"
+
+# KServe: Serverless mode (Knative) reads the Knative label, RawDeployment mode the KServe one.
+CLUSTER_LOCAL = "cluster-local"
+KNATIVE_VISIBILITY = "networking.knative.dev/visibility"
+KSERVE_VISIBILITY = "networking.kserve.io/visibility"
+DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
+VISIBILITY_BY_MODE = {"Serverless": (KNATIVE_VISIBILITY,), "Knative": (KNATIVE_VISIBILITY,),
+                      "RawDeployment": (KSERVE_VISIBILITY,), "Standard": (KSERVE_VISIBILITY,)}
+# The labels KServe puts on a predictor's pods, besides the InferenceService's own (less the Knative visibility).
+ISVC_POD_LABEL = "serving.kserve.io/inferenceservice"
+COMPONENT_LABEL = "component"
 
 
 def strict(schema):
@@ -63,6 +82,136 @@ def problems(document, kubernetes_version=KUBERNETES_VERSION):
     return []
 
 
+def read_config(path):
+    """TorchServe's config.properties as {key: value}."""
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def token_authorization_off(props, container):
+    """Whether TorchServe runs without token authorization: the config, the command line, or (with
+    enable_envvars_config) the environment turns it off."""
+    words = [*(container.get("command") or []), *(container.get("args") or [])]
+    env = {e.get("name"): e.get("value") for e in container.get("env") or []}
+    return (props.get("disable_token_authorization", "false").lower() == "true"
+            or "--disable-token-auth" in words
+            or (props.get("enable_envvars_config", "false").lower() == "true"
+                and str(env.get("TS_DISABLE_TOKEN_AUTHORIZATION", "")).lower() == "true"))
+
+
+def selects(selector, labels):
+    """Whether a Kubernetes label selector matches `labels`; an empty selector matches every pod."""
+    selector = selector or {}
+    if any(labels.get(key) != value for key, value in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression.get("key"), expression.get("operator"), expression.get("values") or []
+        if ((operator == "In" and labels.get(key) not in values)
+                or (operator == "NotIn" and key in labels and labels[key] in values)
+                or (operator == "Exists" and key not in labels)
+                or (operator == "DoesNotExist" and key in labels)):
+            return False
+    return True
+
+
+def is_empty(selector):
+    return not selector or not (selector.get("matchLabels") or selector.get("matchExpressions"))
+
+
+def namespace(document):
+    return (document.get("metadata") or {}).get("namespace")
+
+
+def serving_workloads(documents):
+    """(name, namespace, pod labels, serving container, the resource) of each Deployment and InferenceService."""
+    found = []
+    for doc in documents:
+        if not isinstance(doc, dict):
+            continue
+        meta = doc.get("metadata") or {}
+        spec = doc.get("spec") or {}
+        if doc.get("kind") == "Deployment":
+            template = spec.get("template") or {}
+            for container in (template.get("spec") or {}).get("containers") or []:
+                found.append((f"{resource_name(doc)} ({container.get('name')})", namespace(doc),
+                              dict((template.get("metadata") or {}).get("labels") or {}), container, doc))
+        elif doc.get("kind") == "InferenceService":
+            predictor = spec.get("predictor") or {}
+            labels = {**{k: v for k, v in (meta.get("labels") or {}).items() if k != KNATIVE_VISIBILITY},
+                      **(predictor.get("labels") or {}),
+                      ISVC_POD_LABEL: meta.get("name"), COMPONENT_LABEL: "predictor"}
+            found.append((resource_name(doc), namespace(doc), labels, predictor.get("model") or {}, doc))
+    return found
+
+
+def policy_types(policy):
+    spec = policy.get("spec") or {}
+    return spec.get("policyTypes") or ["Ingress", *(["Egress"] if "egress" in spec else [])]
+
+
+def admits_everyone(rule):
+    """Why an ingress rule lets in every source, or None when it names whom it lets in."""
+    peers = rule.get("from")
+    if not peers:
+        return "a rule without `from` lets in every source"
+    for peer in peers:
+        cidr = (peer.get("ipBlock") or {}).get("cidr", "")
+        if cidr.endswith("/0"):
+            return f"a rule lets in {cidr}"
+        if "namespaceSelector" in peer and is_empty(peer["namespaceSelector"]) and is_empty(peer.get("podSelector")):
+            return "a rule lets in every pod of every namespace (namespaceSelector: {})"
+    return None
+
+
+def exposure(documents, props):
+    """[(workload, [reasons it is open], resource)] for every serving workload in `documents`, given the
+    TorchServe config `props` its pods read; no reasons: closed."""
+    policies = [d for d in documents if isinstance(d, dict) and d.get("kind") == "NetworkPolicy"]
+    services = [d for d in documents if isinstance(d, dict) and d.get("kind") == "Service"]
+    verdicts = []
+    for name, ns, labels, container, doc in serving_workloads(documents):
+        if not token_authorization_off(props, container):
+            verdicts.append((name, [], doc))
+            continue
+        reasons = []
+        if doc["kind"] == "InferenceService":
+            meta = doc.get("metadata") or {}
+            mode = (meta.get("annotations") or {}).get(DEPLOYMENT_MODE)
+            needed = VISIBILITY_BY_MODE.get(mode, (KNATIVE_VISIBILITY, KSERVE_VISIBILITY))
+            missing = [key for key in needed if (meta.get("labels") or {}).get(key) != CLUSTER_LOCAL]
+            if missing:
+                reasons.append("not cluster-local, so KServe publishes it through the ingress gateway: label it "
+                               + ", ".join(f"{key}: {CLUSTER_LOCAL}" for key in missing))
+        restricting = [p for p in policies if namespace(p) == ns and "Ingress" in policy_types(p)
+                       and selects((p.get("spec") or {}).get("podSelector"), labels)]
+        if not restricting:
+            reasons.append("no NetworkPolicy restricts ingress to its pods "
+                           f"({', '.join(f'{k}={v}' for k, v in sorted(labels.items()))})")
+        for policy in restricting:
+            for rule in (policy.get("spec") or {}).get("ingress") or []:
+                why = admits_everyone(rule)
+                if why:
+                    reasons.append(f"{resource_name(policy)}: {why}")
+        for service in services:
+            selector = (service.get("spec") or {}).get("selector")
+            kind = (service.get("spec") or {}).get("type", "ClusterIP")
+            if selector and namespace(service) == ns and kind in ("NodePort", "LoadBalancer") \
+                    and selects({"matchLabels": selector}, labels):
+                reasons.append(f"{resource_name(service)} publishes its pods outside the cluster (type {kind})")
+        verdicts.append((name, [f"token authorization is off and {reason}" for reason in reasons], doc))
+    return verdicts
+
+
+def exposure_problems(documents, props):
+    """The reasons any serving workload in `documents` is open: [] when every one is closed."""
+    return [f"{name}: {reason}" for name, reasons, _ in exposure(documents, props) for reason in reasons]
+
+
 def manifest_files(paths=()):
     if paths:
         return [Path(p) for p in paths]
@@ -77,8 +226,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="*", help="manifests (default: deploy/kubernetes/*.yaml, deploy/kserve/*.yaml)")
     p.add_argument("--kubernetes-version", default=KUBERNETES_VERSION)
+    p.add_argument("--config", default=str(RELEASE_CONFIG),
+                   help="the TorchServe config the pods read: the template, or a release's config/config.properties")
     args = p.parse_args(argv)
     failed = 0
+    every, origin = [], {}
     for path in manifest_files(args.files):
         try:
             documents = load_documents(path)
@@ -89,10 +241,23 @@ def main(argv=None):
         for document in documents:
             found = problems(document, args.kubernetes_version)
             failed += bool(found)
+            if not found:  # an invalid resource would not apply: the exposure check leaves it out
+                every.append(document)
+                origin[id(document)] = path
             name = resource_name(document) if isinstance(document, dict) else "?"
             print(f"{'invalid' if found else 'ok':8} {path}  {name}")
             for problem in found:
                 print(f"         {problem}")
+    try:
+        props = read_config(args.config)
+    except OSError as error:
+        print(f"error: {args.config}: {error}")
+        return 1
+    for name, reasons, document in exposure(every, props):
+        failed += bool(reasons)
+        print(f"{'open' if reasons else 'closed':8} {origin[id(document)]}  {name}, pods reading {args.config}")
+        for reason in reasons:
+            print(f"         {reason}")
     return 1 if failed else 0
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.validate import load_documents, manifest_files, problems
+from ts.arg_parser import ArgParser
+
+from deploy.validate import load_documents, manifest_files, problems, selects, serving_workloads
 from serving.torchserve import read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,28 +180,63 @@ def test_the_validator_cli_checks_every_manifest_and_exits_0():
     result = subprocess.run([sys.executable, "-m", "deploy.validate"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok ") == len(manifests())
+    verdicts = [line.split()[0] for line in result.stdout.splitlines() if line.startswith(("open", "closed"))]
+    assert verdicts == ["closed"] * 3, result.stdout  # the Deployment and both InferenceServices
 
 
 # -- what the manifests must agree on ----------------------------------------------------------------------------
 
-def serving_container(kind):
+# The arguments of KServe's kserve-torchserve runtime (kserve/kserve, config/runtimes/kserve-torchserve.yaml; the
+# same at commit 047112c8916ef527b7a4b4090effdb1cbc5be29c and at the newest one read). KServe appends the
+# InferenceService's args to them (MergeRuntimeContainers, since KServe 0.10).
+KSERVE_TORCHSERVE_ARGS = ["torchserve", "--start", "--model-store=/mnt/models/model-store",
+                          "--ts-config=/mnt/models/config/config.properties"]
+INFERENCE_SERVICES = ["inferenceservice.yaml", "inferenceservice-canary.yaml"]
+IMAGE_UID = 10001
+
+
+def serving_container(kind, path_part="inferenceservice.yaml"):
     if kind == "Deployment":
         return resource("Deployment")["spec"]["template"]["spec"]["containers"][0]
-    return resource("InferenceService", path_part="inferenceservice.yaml")["spec"]["predictor"]["model"]
+    return resource("InferenceService", path_part=path_part)["spec"]["predictor"]["model"]
 
 
-def pod_volumes(kind):
+def pod_volumes(kind, path_part="inferenceservice.yaml"):
     if kind == "Deployment":
         return resource("Deployment")["spec"]["template"]["spec"]["volumes"]
-    return resource("InferenceService", path_part="inferenceservice.yaml")["spec"]["predictor"]["volumes"]
+    return resource("InferenceService", path_part=path_part)["spec"]["predictor"]["volumes"]
+
+
+def pod_spec(kind, path_part="inferenceservice.yaml"):
+    """The pod-level fields: the Deployment's pod template spec, the InferenceService's predictor."""
+    if kind == "Deployment":
+        return resource("Deployment")["spec"]["template"]["spec"]
+    return resource("InferenceService", path_part=path_part)["spec"]["predictor"]
+
+
+def command_line(kind):
+    """The TorchServe command line the pod runs, as TorchServe's own parser reads it."""
+    args = serving_container(kind)["args"]
+    if kind == "InferenceService":
+        args = KSERVE_TORCHSERVE_ARGS + args
+    assert args[0] == "torchserve"
+    return vars(ArgParser.ts_parser().parse_args(args[1:]))
 
 
 @pytest.mark.parametrize("kind", ["Deployment", "InferenceService"])
-def test_both_start_torchserve_on_the_kserve_storage_layout(kind):
-    args = serving_container(kind)["args"]
-    assert args[:3] == ["torchserve", "--start", "--foreground"]
-    assert "--model-store=/mnt/models/model-store" in args
-    assert "--ts-config=/mnt/models/config/config.properties" in args
+def test_both_start_torchserve_in_the_foreground_on_the_kserve_storage_layout(kind):
+    parsed = command_line(kind)
+    assert parsed["start"] and parsed["foreground"] and parsed["no_config_snapshots"]
+    assert parsed["model_store"] == "/mnt/models/model-store"
+    assert parsed["ts_config"] == "/mnt/models/config/config.properties"
+    assert not parsed["token_auth"], "token authorization is set in config.properties only (--disable-token-auth)"
+    assert not parsed["model_mode"], "model control stays off (--enable-model-api)"
+
+
+def test_the_inference_service_runs_the_same_command_as_the_deployment():
+    assert command_line("InferenceService") == command_line("Deployment")
+    args = serving_container("InferenceService")["args"]
+    assert "torchserve" not in args, "KServe appends these to the runtime's, which start with torchserve"
 
 
 @pytest.mark.parametrize("kind", ["Deployment", "InferenceService"])
@@ -234,6 +271,137 @@ def test_probes_ask_ping_and_the_pod_asks_for_cpu_memory_and_a_gpu(kind):
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+def test_the_inference_service_sets_its_cpu_limit_so_that_the_runtime_s_does_not_apply():
+    """KServe merges the runtime's resources (limits.cpu 1) under the InferenceService's; a request of 8 CPUs
+    over a limit of 1 would be refused."""
+    resources = serving_container("InferenceService")["resources"]
+    assert "cpu" in resources["limits"]
+    assert float(resources["limits"]["cpu"]) >= float(resources["requests"]["cpu"])
+
+
+# -- the pods' hardening ------------------------------------------------------------------------------------------
+
+PODS = [("Deployment", ""), *(("InferenceService", name) for name in INFERENCE_SERVICES)]
+POD_IDS = ["Deployment", "InferenceService", "InferenceService-canary"]
+
+
+def image_settings():
+    """What the Dockerfile gives the serving process: its user id, HOME and the ENV settings."""
+    text = (ROOT / "Dockerfile").read_text()
+    uid = int(re.findall(r"^USER\s+(\d+)", text, re.M)[-1])
+    home = re.search(r"useradd .*--uid " + str(uid) + r" .*--home-dir (\S+)", text).group(1)
+    env = dict(re.findall(r"\b([A-Z_]+)=(\S+)", text[text.index("\nENV "):text.index("\nUSER ")]))
+    return uid, home, env
+
+
+def effective(kind, path_part, key):
+    """A security setting as the kubelet applies it: the container's, else the pod's."""
+    container = serving_container(kind, path_part).get("securityContext") or {}
+    pod = pod_spec(kind, path_part).get("securityContext") or {}
+    return container.get(key, pod.get(key))
+
+
+@pytest.mark.parametrize("kind,path_part", PODS, ids=POD_IDS)
+def test_pods_run_as_the_image_user_read_only_with_runtime_default_seccomp_and_no_account_token(kind, path_part):
+    uid, _, _ = image_settings()
+    assert uid == IMAGE_UID
+    assert effective(kind, path_part, "runAsNonRoot") is True
+    assert effective(kind, path_part, "runAsUser") == uid
+    assert effective(kind, path_part, "seccompProfile") == {"type": "RuntimeDefault"}
+    assert effective(kind, path_part, "readOnlyRootFilesystem") is True
+    assert effective(kind, path_part, "allowPrivilegeEscalation") is False
+    assert effective(kind, path_part, "capabilities") == {"drop": ["ALL"]}
+    assert pod_spec(kind, path_part)["automountServiceAccountToken"] is False
+    if kind == "InferenceService":
+        # Knative refuses a pod-level securityContext unless a feature flag allows it
+        assert "securityContext" not in pod_spec(kind, path_part)
+
+
+@pytest.mark.parametrize("kind,path_part", PODS, ids=POD_IDS)
+def test_every_folder_torchserve_writes_is_an_empty_dir(kind, path_part):
+    _, home, env = image_settings()
+    container = serving_container(kind, path_part)
+    empty = {v["name"] for v in pod_volumes(kind, path_part) if "emptyDir" in v}
+    writable = [Path(m["mountPath"]) for m in container["volumeMounts"]
+                if m["name"] in empty and not m.get("readOnly") and not m.get("subPath")]
+    written = {"LOG_LOCATION": env["LOG_LOCATION"], "METRICS_LOCATION": env["METRICS_LOCATION"],
+               "working directory (key_file.json)": container["workingDir"],
+               "java.io.tmpdir and TMPDIR (unset: /tmp)": "/tmp", "HOME (caches)": home}
+    assert "TMPDIR" not in env and "TEMP" not in env
+    assert not {"TMPDIR", "TEMP", "HOME"} & {e["name"] for e in container["env"]}
+    for what, folder in written.items():
+        assert any(Path(folder).is_relative_to(mount) for mount in writable), f"{what} {folder}: {writable}"
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"  # no __pycache__ beside the code in /app
+
+
+@pytest.mark.parametrize("kind,path_part", PODS, ids=POD_IDS)
+def test_the_pods_pass_their_cpu_request_to_the_handler(kind, path_part):
+    container = serving_container(kind, path_part)
+    cpus = {e["name"]: e for e in container["env"]}["VISUAL_SEARCH_CPUS"]
+    assert cpus == {"name": "VISUAL_SEARCH_CPUS",
+                    "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}}}
+    assert "cpu" in container["resources"]["requests"]
+
+
+def policies_for(labels):
+    return [doc for _, doc in manifests() if doc["kind"] == "NetworkPolicy"
+            and selects(doc["spec"]["podSelector"], labels)]
+
+
+def workload_labels():
+    """{workload name: its pods' labels}, as the validator derives them (KServe's labels for InferenceServices)."""
+    return {name: labels for name, _, labels, _, _ in serving_workloads([doc for _, doc in manifests()])}
+
+
+def allowed(policy):
+    """{port: [peers]} of a policy's ingress rules."""
+    ports = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            assert port.get("protocol", "TCP") == "TCP"
+            ports.setdefault(port["port"], []).extend(rule["from"])
+    return ports
+
+
+def namespace_of(peer):
+    return peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+
+
+def test_each_serving_pod_has_exactly_one_network_policy_of_its_own():
+    chosen = {name: [p["metadata"]["name"] for p in policies_for(labels)] for name, labels in workload_labels().items()}
+    assert chosen == {"Deployment/visual-search (torchserve)": ["visual-search"],
+                      "InferenceService/visual-search": ["visual-search-predictor"]}, chosen
+
+
+def test_the_network_policies_let_in_only_the_gateway_knative_and_monitoring():
+    metrics_port = int(read_properties(STORAGE_CONFIG)["metrics_address"].rsplit(":", 1)[1])
+    deployment = allowed(resource("NetworkPolicy"))
+    assert {port: [namespace_of(p) for p in peers] for port, peers in deployment.items()} == \
+        {8080: ["gateway"], metrics_port: ["monitoring"]}
+    kserve = allowed(resource("NetworkPolicy", "visual-search-predictor"))
+    assert set(kserve) == {8012, 9090, metrics_port, 9091}
+    assert [(namespace_of(p), p.get("podSelector")) for p in kserve[8012]] == \
+        [("istio-system", None), ("knative-serving", {"matchLabels": {"app": "activator"}})]
+    assert [(namespace_of(p), p.get("podSelector")) for p in kserve[9090]] == \
+        [("knative-serving", {"matchLabels": {"app": "autoscaler"}})]
+    for policy in (deployment, kserve):
+        assert [namespace_of(p) for p in policy[metrics_port]] == ["monitoring"]
+        assert all(p.get("podSelector") is None for p in policy[metrics_port])
+
+
+@pytest.mark.parametrize("name", ["visual-search", "visual-search-predictor"])
+def test_the_pods_reach_nothing_but_the_cluster_dns(name):
+    policy = resource("NetworkPolicy", name)
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    (rule,) = policy["spec"]["egress"]
+    assert rule["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                           "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    assert sorted((p["port"], p["protocol"]) for p in rule["ports"]) == [(53, "TCP"), (53, "UDP")]
+    text = next(path for path, doc in manifests() if doc is not None and doc["metadata"]["name"] == name
+                and doc["kind"] == "NetworkPolicy").read_text()
+    assert "# Milvus" in text, "the commented place for the Milvus rule"
+
+
 def test_the_deployment_mounts_one_release_read_only_and_rolls_without_losing_capacity():
     deployment = resource("Deployment")
     mounts = {m["name"]: m for m in serving_container("Deployment")["volumeMounts"]}
@@ -256,6 +424,7 @@ def test_service_hpa_and_network_policy_point_at_the_deployment_pods():
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "visual-search"}
     policy = resource("NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert selects(policy["spec"]["podSelector"], labels)
     allowed_ports = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
     assert allowed_ports == {8080, 8082}
 
