@@ -2,7 +2,8 @@
 
 Covered here: the page and its local assets, searches by photo and by listing, the category filter, the
 versions list, catalogue images from the catalogue folder only, the upload bound, TorchServe's reasons passed on,
-the inference key renewed when TorchServe refuses it, and no management call reachable through the front.
+a rotated inference key read again from the key file (and none renewed by the front), and no management call
+reachable through the front. tests/test_web_access.py covers what the front offers and to whom.
 """
 import http.client
 import io
@@ -67,14 +68,23 @@ def running_front(images, state_dir, model=MODEL_NAME, extra=()):
         log.close()
 
 
+INSIDE_LINK, OUTSIDE_LINK = "bags/bags-00.png", "phones/phones-05.jpg"  # catalogue items whose files are links
+
+
 @pytest.fixture(scope="module")
 def catalogue(photo_dir, tmp_path_factory):
-    """A copy of the session's photo folder, with an image outside it and links that lead out."""
+    """A copy of the session's photo folder, with an image outside it and links that lead out, and two of the
+    catalogue's own files replaced by links: one to a file inside the folder, one leading out."""
     root = tmp_path_factory.mktemp("web")
     images, outside = root / "catalogue", root / "outside"
     shutil.copytree(photo_dir, images)
     outside.mkdir()
     (outside / "secret.png").write_bytes(encode(product_photo("bags", 1)) + SECRET)
+    (images / "originals").mkdir()
+    (images / INSIDE_LINK).rename(images / "originals" / "bags-00.png")
+    (images / INSIDE_LINK).symlink_to(images / "originals" / "bags-00.png")
+    (images / OUTSIDE_LINK).unlink()
+    (images / OUTSIDE_LINK).symlink_to(outside / "secret.png")
     (images / "bags" / "escape.png").symlink_to(outside / "secret.png")  # a file link leading out
     (images / "linked").symlink_to(outside, target_is_directory=True)  # a folder link leading out
     (images / "bags" / "alias.png").symlink_to(images / "bags" / "bags-00.png")  # a link that stays inside
@@ -151,18 +161,24 @@ def test_search_by_photo_is_forwarded_and_its_images_load(front, manifest):
     for neighbour in answer["neighbours"]:
         assert neighbour["image_url"] == f"/images/{neighbour['image']}"
         image = httpx.get(front + neighbour["image_url"])
+        if neighbour["image"] == OUTSIDE_LINK:  # its file is a link that leads out of the folder
+            assert image.status_code == 404
+            continue
         assert image.status_code == 200 and image.headers["content-type"].startswith("image/")
         assert Image.open(io.BytesIO(image.content)).size == (64, 48)
 
 
-def test_a_version_is_searched_explicitly(front):
+def test_the_default_version_is_searched_by_its_name_too(front):
+    assert search(front, held_out_photo(), k="1").json()["model_version"] == "1.0"  # the default, by no version
     response = search(front, held_out_photo(), version="1.0", k="2")
     assert response.status_code == 200, response.text
     assert response.json()["model_version"] == "1.0" and len(response.json()["neighbours"]) == 2
     unknown = search(front, held_out_photo(), version="9.9")
-    assert unknown.status_code == 404 and "no registered version '9.9'" in unknown.json()["error"]
+    assert unknown.status_code == 404
+    assert unknown.json()["error"] == (f"version '9.9' of {MODEL_NAME} is not offered here; search the default "
+                                       f"(no version)")
     sneaky = search(front, held_out_photo(), version="1.0/../../ping")
-    assert sneaky.status_code == 404, sneaky.text
+    assert sneaky.status_code == 404 and "is not offered here" in sneaky.json()["error"]
 
 
 # -- catalogue images: the catalogue folder only ----------------------------------------------------------------------
@@ -177,6 +193,7 @@ def test_a_version_is_searched_explicitly(front):
     "/images//{outside}/secret.png",
     "/images/%2F{outside}%2Fsecret.png",
     "/images/bags/escape.png",       # a symlink whose target is outside
+    "/images/bags/alias.png",        # a link inside the folder, but no answer names it
     "/images/linked/secret.png",     # a folder symlink leading outside
     "/images/bags/notes.txt",        # inside, but not an image
     "/images/bags/missing.png",
@@ -189,12 +206,17 @@ def test_images_outside_the_catalogue_folder_get_404(front, catalogue, path):
     assert SECRET not in body and json.loads(body)["error"] == "not a catalogue image"
 
 
-def test_catalogue_images_and_links_inside_it_are_served(front, catalogue):
-    for path in ("/images/bags/bags-00.png", "/images/bags/alias.png", "/images/shoes/shoes-01.jpg"):
-        status, body = raw_get(front, path)
-        assert status == 200, path
-        name = "bags/bags-00.png" if "alias" in path else path.removeprefix("/images/")
-        assert body == (catalogue / name).read_bytes()
+def test_answered_images_are_served_from_the_folder_and_links_that_lead_out_are_not(front, catalogue):
+    for listing, reference in (("bags-00", INSIDE_LINK), ("shoes-01", "shoes/shoes-01.jpg"),
+                               ("phones-05", OUTSIDE_LINK)):
+        answer = search(front, None, listing=listing, k="1").json()
+        assert answer["listing"]["image_url"] == f"/images/{reference}"
+    for reference in (INSIDE_LINK, "shoes/shoes-01.jpg"):
+        status, body = raw_get(front, f"/images/{reference}")
+        assert status == 200, reference
+        assert body == (catalogue / reference).read_bytes() and SECRET not in body
+    status, body = raw_get(front, f"/images/{OUTSIDE_LINK}")  # named in an answer, but its file leads out
+    assert status == 404 and SECRET not in body and json.loads(body)["error"] == "not a catalogue image"
 
 
 # -- uploads: the size bound and TorchServe's reasons ----------------------------------------------------------------
@@ -278,7 +300,7 @@ def test_a_rotated_key_is_picked_up_and_the_next_search_succeeds(front, torchser
     assert keys_of(torchserve)["inference"]["key"] == rotated  # read again from the key file, not renewed
 
 
-def test_a_refused_key_still_in_the_key_file_is_renewed_with_the_api_key(front, torchserve):
+def test_a_refused_key_that_nobody_renewed_gets_502_and_the_front_renews_none(front, torchserve):
     assert search(front, held_out_photo()).status_code == 200
     held, current = rotate_inference_key(torchserve)  # the front still holds `held`, now refused
     # An expired key that nobody renewed: the key file still holds the refused key.
@@ -287,16 +309,16 @@ def test_a_refused_key_still_in_the_key_file_is_renewed_with_the_api_key(front, 
     torchserve.key_file.write_text(json.dumps(data))
     try:
         response = search(front, held_out_photo(), k="2")
-        assert response.status_code == 200, response.text
-        renewed = keys_of(torchserve)["inference"]["key"]
+        assert keys_of(torchserve) == data  # the front asked for no new key: the file is as written
     finally:  # never leave a refused key behind for the other tests
-        if keys_of(torchserve)["inference"]["key"] == held:
-            data["inference"]["key"] = current
-            torchserve.key_file.write_text(json.dumps(data))
-    assert renewed not in (held, current)  # the front asked TorchServe for a new key
-    direct = requests.post(f"{torchserve.urls['inference']}/predictions/{MODEL_NAME}", data=held_out_photo(),
-                           headers={"Authorization": f"Bearer {renewed}"}, timeout=60)
-    assert direct.status_code == 200, direct.text
+        data["inference"]["key"] = current
+        torchserve.key_file.write_text(json.dumps(data))
+    assert response.status_code == 502, response.text
+    assert response.json()["error"].startswith(f"TorchServe refused the inference key in {torchserve.key_file} and "
+                                               f"the file holds no newer one")
+    assert "whoever runs TorchServe renews it" in response.json()["error"]
+    renewed = search(front, held_out_photo(), k="2")  # the operator's renewed key, read from the file
+    assert renewed.status_code == 200, renewed.text
 
 
 def test_no_management_call_is_reachable_through_the_front(front, torchserve):
@@ -346,26 +368,53 @@ def test_category_filter_keeps_only_those_categories(front):
     assert nothing.status_code == 400 and nothing.json()["error"]
 
 
-# -- a second version, and the front as `make serve` runs it ----------------------------------------------------------
+# -- a second version, the default moving on, and the front as `make serve` runs it ------------------------------------
 
-def test_a_new_version_is_offered_after_the_default_and_answers(front, torchserve, bundle_dir, model_store):
+def test_another_version_is_offered_only_when_the_operator_allows_it(front, torchserve, catalogue, bundle_dir,
+                                                                   model_store, manifest):
     archive = "tiny-search-web-v2"
     build_archive(["--bundle", str(bundle_dir), "--name", MODEL_NAME, "--version", "2.0", "--out-name", archive,
-                   "--model-store", str(model_store), "--batch-size", "1", "--startup-timeout", "120"])
+                   "--model-store", str(model_store), "--batch-size", "1", "--startup-timeout", "120",
+                   "--max-k", "7"])
     client = ManagementClient.from_state(torchserve.state_dir, timeout=120)
     try:
         client.register(f"{archive}.mar", workers=1)
-        deadline = time.time() + 30  # the front caches the list for a few seconds
-        while len(httpx.get(f"{front}/api/versions").json()["versions"]) < 2 and time.time() < deadline:
-            time.sleep(1)
+        assert sorted(v["modelVersion"] for v in client.versions(MODEL_NAME)) == ["1.0", "2.0"]
+        # Registered, but not allowed: neither listed nor searched.
         versions = httpx.get(f"{front}/api/versions").json()["versions"]
-        assert [(v["version"], v["default"]) for v in versions] == [("1.0", True), ("2.0", False)]
-        response = search(front, held_out_photo(), version="2.0", k="2")
-        assert response.status_code == 200, response.text
-        assert response.json()["model_version"] == "2.0"
-        assert search(front, held_out_photo()).json()["model_version"] == "1.0"  # no version: the default
+        assert [(v["version"], v["default"]) for v in versions] == [("1.0", True)]
+        refused = search(front, held_out_photo(), version="2.0", k="2")
+        assert refused.status_code == 404, refused.text
+        assert refused.json()["error"] == (f"version '2.0' of {MODEL_NAME} is not offered here; search the default "
+                                           f"(no version)")
+        with running_front(catalogue, torchserve.state_dir, extra=["--versions", "2.0"]) as allowing:
+            versions = httpx.get(f"{allowing}/api/versions").json()["versions"]
+            assert [(v["version"], v["default"], v["max_k"]) for v in versions] == [("1.0", True, 24),
+                                                                                   ("2.0", False, 7)]
+            assert versions[1]["categories"] == manifest["categories"]  # from the 2.0 archive in the store
+            response = search(allowing, held_out_photo(), version="2.0", k="2")
+            assert response.status_code == 200, response.text
+            assert response.json()["model_version"] == "2.0"
+            assert search(allowing, held_out_photo()).json()["model_version"] == "1.0"  # no version: the default
+            other = search(allowing, held_out_photo(), version="3.0")
+            assert other.status_code == 404
+            assert other.json()["error"].endswith("search the default (no version), 2.0")
+        # The default moves on to 2.0: the old default, not allowed, is no longer offered.
+        assert search(front, held_out_photo(), version="1.0", k="1").json()["model_version"] == "1.0"
+        client.set_default(MODEL_NAME, "2.0")
+        moved = search(front, held_out_photo(), version="1.0", k="1")  # the front has not noticed yet
+        assert moved.status_code == 404, moved.text
+        assert moved.json()["error"] == (f"version '1.0' of {MODEL_NAME} is not offered here; search the default "
+                                         f"(no version) (the default is now 2.0)")
+        assert search(front, held_out_photo(), k="1").json()["model_version"] == "2.0"
+        versions = httpx.get(f"{front}/api/versions").json()["versions"]
+        assert [(v["version"], v["default"], v["max_k"]) for v in versions] == [("2.0", True, 7)]
+        assert search(front, held_out_photo(), version="1.0").status_code == 404
     finally:
-        if "2.0" in [v["modelVersion"] for v in client.versions(MODEL_NAME)]:
+        registered = [v["modelVersion"] for v in client.versions(MODEL_NAME)]
+        if client.default_version(MODEL_NAME) != "1.0":
+            client.set_default(MODEL_NAME, "1.0")
+        if "2.0" in registered:
             client.unregister(MODEL_NAME, "2.0", quiet=0.5)
         (model_store / f"{archive}.mar").unlink(missing_ok=True)
 

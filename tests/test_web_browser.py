@@ -51,6 +51,7 @@ def page(browser, front):
     page.on("request", lambda r: r.url.startswith((front, "blob:", "data:")) or elsewhere.append(r.url))
     page.goto(front)
     expect(page.locator("#version option").first).to_have_text("1.0 (default)")
+    assert page.locator("#version option").first.get_attribute("value") == ""  # searches go to the default
     page.fill("#k", str(K))
     page.locator("#k").blur()
     yield page
@@ -175,3 +176,24 @@ def test_a_text_file_shows_the_reason_and_the_page_keeps_working(page, photo, tm
     results = search_by_photo(page, photo)
     assert len(results) == K
     expect(page.locator("#error")).to_be_hidden()
+
+
+def test_a_form_on_another_site_cannot_search(browser, front):
+    """A cross-site form post, as a page elsewhere would make it: Chromium sends that page's Origin, and the front
+    refuses it before forwarding anything."""
+    attacker = "http://attacker.test/"
+    form = (f'<form method="post" action="{front}/api/search" enctype="multipart/form-data">'
+            f'<input name="listing" value="bags-01"><input name="k" value="1"></form>')
+    page = browser.new_page()
+    page.route(attacker, lambda route: route.fulfill(status=200, content_type="text/html", body=form))
+    try:
+        page.goto(attacker)
+        with page.expect_response(f"{front}/api/search") as answer:
+            page.evaluate("document.forms[0].submit()")
+        response = answer.value
+        assert response.request.headers.get("origin") == "http://attacker.test"
+        assert response.status == 403
+        assert response.json() == {"status": 403, "error": "cross-site request refused: Origin http://attacker.test "
+                                                           "is not this page's origin"}
+    finally:
+        page.close()

@@ -1,14 +1,14 @@
 """The web front: the search page, the catalogue's images, and searches forwarded to TorchServe.
 
     python -m web --images data/fashion-mnist/images            # http://127.0.0.1:8090
-    python -m web --images DIR --state-dir .torchserve --model visual-search --port 8090
+    python -m web --images DIR --state-dir .torchserve --model visual-search --port 8090 --versions 2.0
 
-The browser talks to this server only. It never sees a TorchServe key, and it can reach no management call:
-the front reads the registered versions itself and offers them as a read-only list.
+The browser talks to this server only. The front holds TorchServe's inference key only and makes no management
+call: it offers the default version, plus the versions that --versions allows, and refuses any other.
 
-Routes: GET / (the page), /static/* (its script and style), /images/<reference> (catalogue images, from the
-catalogue folder only), /api/config, /api/versions, POST /api/search (multipart: image or listing, k, category,
-version), /healthz.
+Routes: GET / (the page), /static/* (its script and style), /images/<reference> (images of items in the answers
+the front forwarded, from the catalogue folder only), /api/config, /api/versions, POST /api/search (multipart:
+image or listing, k, category, version), /healthz. A POST from another site's page is refused.
 """
 import argparse
 import ipaddress
@@ -24,12 +24,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from serving.management import ManagementError
 from serving.torchserve import ROOT
-from web.catalogue_files import image_url, resolve_image
-from web.limits import BodyLimit, BodyTooLarge, SecurityHeaders
+from web.catalogue_files import DEFAULT_REMEMBERED, ServableImages, answer_items, image_url, resolve_image
+from web.limits import BodyLimit, BodyTooLarge, SameOrigin, SecurityHeaders, normal_origin
 from web.torchserve_client import Endpoints, InferenceClient, TorchServeUnavailable
-from web.versions import Versions
+from web.versions import ModelStore, NotOffered, Versions, parse_versions
 
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_IMAGES = ROOT / "data" / "fashion-mnist" / "images"
@@ -45,6 +44,9 @@ class Settings:
     model: str = "visual-search"
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     timeout: float = 120.0
+    versions: tuple = ()  # offered besides the default
+    allowed_origins: tuple = ()  # other origins whose pages may POST here
+    remembered_images: int = DEFAULT_REMEMBERED
 
 
 def reason(status, message):
@@ -53,9 +55,8 @@ def reason(status, message):
 
 def with_image_urls(answer):
     """The answer as TorchServe gave it, plus where the page loads each image from."""
-    for item in [*answer.get("neighbours", []), answer.get("listing") or {}]:
-        if isinstance(item.get("image"), str):
-            item["image_url"] = image_url(item["image"])
+    for item in answer_items(answer):
+        item["image_url"] = image_url(item["image"])
     return answer
 
 
@@ -88,7 +89,9 @@ async def read_search_form(request, max_photo):
 def create_app(settings):
     endpoints = Endpoints.from_state(settings.state_dir)
     client = InferenceClient(endpoints, settings.model, timeout=settings.timeout)
-    versions = Versions(settings.state_dir, settings.model, settings.images)
+    versions = Versions(settings.model, ModelStore(endpoints.model_store, settings.model), settings.images,
+                        ask_default=client.default_version, allowed=settings.versions)
+    images = ServableImages(settings.remembered_images)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -116,7 +119,7 @@ def create_app(settings):
 
     @app.get("/images/{reference:path}")
     async def catalogue_image(reference: str):
-        path = resolve_image(settings.images, reference)
+        path = resolve_image(settings.images, reference) if images.is_servable(reference) else None
         if path is None:
             return reason(404, "not a catalogue image")
         return FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
@@ -129,22 +132,58 @@ def create_app(settings):
     async def list_versions():
         try:
             return {"model": settings.model, "versions": await run_in_threadpool(versions.list)}
-        except ManagementError as error:
+        except TorchServeUnavailable as error:
             return reason(502, f"cannot list the versions of {settings.model}: {error}")
 
     @app.post("/api/search")
     async def search(request: Request):
         photo, listing, k, categories, version = await read_search_form(request, settings.max_upload_bytes)
         try:
-            if version is not None and await run_in_threadpool(versions.find, version) is None:
-                return reason(404, f"{settings.model} has no registered version {version!r}")
-            status, answer = await run_in_threadpool(client.search, version, photo, listing, k, categories)
-        except (TorchServeUnavailable, ManagementError) as error:
+            target, expected = versions.route(version)
+            status, answer = await run_in_threadpool(client.search, target, photo, listing, k, categories)
+        except NotOffered as error:
+            return reason(404, str(error))
+        except TorchServeUnavailable as error:
             return reason(502, str(error))
-        return JSONResponse(with_image_urls(answer) if status == 200 else answer, status_code=status)
+        if status != 200:
+            return JSONResponse(answer, status_code=status)
+        if target is None:
+            versions.note_default(answer.get("model_version"))
+        if expected is not None and answer.get("model_version") != expected:
+            return reason(404, versions.refusal(expected) + f" (the default is now {answer.get('model_version')})")
+        images.record(answer)
+        return JSONResponse(with_image_urls(answer), status_code=200)
 
     # The body bound stops oversized uploads early, before they are read; the photo's own bound is exact.
-    return SecurityHeaders(BodyLimit(app, settings.max_upload_bytes + FORM_ALLOWANCE))
+    return SecurityHeaders(SameOrigin(BodyLimit(app, settings.max_upload_bytes + FORM_ALLOWANCE),
+                                      allowed=settings.allowed_origins))
+
+
+def versions_option(text):
+    try:
+        return parse_versions(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def origin_option(text):
+    origins = [normal_origin(o) for o in text.split(",") if o.strip()]
+    for origin in origins:
+        scheme, _, host = origin.partition("://")
+        if scheme not in ("http", "https") or not host or "/" in host:
+            raise argparse.ArgumentTypeError(f"{origin!r} is not an origin: scheme://host[:port], such as "
+                                             f"https://search.example.com")
+    return origins
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def get_args(argv=None):
@@ -154,13 +193,23 @@ def get_args(argv=None):
                    help="the catalogue image folder that the answers' image references are relative to "
                         "(default: the demo's, data/fashion-mnist/images)")
     p.add_argument("--state-dir", default=str(ROOT / ".torchserve"),
-                   help="TorchServe's state folder: key_file.json and the config.properties with its addresses")
+                   help="TorchServe's state folder: key_file.json (its inference entry only) and the "
+                        "config.properties with the inference address and the model store")
     p.add_argument("--model", default="visual-search", help="the model name in TorchServe")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     p.add_argument("--port", type=int, default=8090)
     p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD / 1e6,
                    help="largest upload accepted, in MB; larger ones get 413")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for TorchServe's answer")
+    p.add_argument("--versions", type=versions_option, default=[],
+                   help="versions offered besides the default, comma-separated (2.0,3.0); any other is refused "
+                        "(default: the default version only)")
+    p.add_argument("--allowed-origin", type=origin_option, action="append", default=[],
+                   help="another origin (https://search.example.com) whose pages may POST here, such as the "
+                        "address of a reverse proxy; repeatable or comma-separated (default: this page's own only)")
+    p.add_argument("--remembered-images", type=positive_int, default=DEFAULT_REMEMBERED,
+                   help="how many image references from recent answers the front serves; the least recently used "
+                        f"are forgotten first (default {DEFAULT_REMEMBERED})")
     return p.parse_args(argv)
 
 
@@ -183,7 +232,9 @@ def main(argv=None):
     import uvicorn
 
     settings = Settings(images=images.resolve(), state_dir=Path(args.state_dir), model=args.model,
-                        max_upload_bytes=int(args.max_upload_mb * 1e6), timeout=args.timeout)
+                        max_upload_bytes=int(args.max_upload_mb * 1e6), timeout=args.timeout,
+                        versions=tuple(args.versions), remembered_images=args.remembered_images,
+                        allowed_origins=tuple(o for group in args.allowed_origin for o in group))
     print(f"search page: http://{args.host}:{args.port}/  (catalogue images from {settings.images})", flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
 

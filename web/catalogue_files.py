@@ -1,13 +1,24 @@
-"""Catalogue images, served from the catalogue folder only.
+"""Catalogue images: only those of items that answered, and from the catalogue folder only.
 
-A reference is a path relative to the folder ("coat/fmnist-train-09615.png"). Anything that could lead out of
-it is refused: `..` or hidden segments, absolute paths, backslashes, NUL bytes, and symlinks (of files or of
-folders) whose target lies outside. Only image files are served.
+The front serves an image reference only when it appeared in an answer it forwarded (ServableImages: the most
+recent references, a bounded least-recently-used map), so that a photo left in the folder by a removed listing is
+not reachable by guessing its name. Such a reference is then looked up in the folder ("coat/fmnist-train-09615.png",
+relative to it), and anything that could lead out of it is refused: `..` or hidden segments, absolute paths,
+backslashes, NUL bytes, and symlinks (of files or of folders) whose target lies outside. Only image files are
+served.
 """
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import quote
 
 from visual_search.images import IMAGE_SUFFIXES
+
+DEFAULT_REMEMBERED = 100_000
+
+
+def is_url(reference):
+    return reference.startswith(("http://", "https://"))
 
 
 def resolve_image(root, reference):
@@ -31,6 +42,41 @@ def resolve_image(root, reference):
 
 def image_url(reference):
     """Where the page loads a neighbour's image: our /images/ route, or the catalogue's own URL."""
-    if reference.startswith(("http://", "https://")):
+    if is_url(reference):
         return reference
     return "/images/" + quote(reference)
+
+
+def answer_items(answer):
+    """The neighbours of an answer, then its listing (a search by listing id)."""
+    listing = answer.get("listing")
+    return [item for item in [*answer.get("neighbours", []), listing]
+            if isinstance(item, dict) and isinstance(item.get("image"), str)]
+
+
+class ServableImages:
+    """The image references of the answers the front forwarded: the `capacity` most recently used, thread-safe."""
+
+    def __init__(self, capacity=DEFAULT_REMEMBERED):
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._seen, self._lock = OrderedDict(), threading.Lock()
+
+    def record(self, answer):
+        """Remembers every folder image reference in a forwarded answer."""
+        with self._lock:
+            for item in answer_items(answer):
+                if not is_url(item["image"]):
+                    self._seen[item["image"]] = None
+                    self._seen.move_to_end(item["image"])
+            while len(self._seen) > self.capacity:
+                self._seen.popitem(last=False)
+
+    def is_servable(self, reference):
+        """Whether the front may serve `reference`: it appeared in an answer the front forwarded."""
+        with self._lock:
+            if reference not in self._seen:
+                return False
+            self._seen.move_to_end(reference)
+            return True

@@ -1,10 +1,11 @@
 """Forwarding searches to TorchServe's inference API, with the inference key kept on the server side.
 
-The key comes from TorchServe's key_file.json in its state folder. When TorchServe refuses it (keys expire after
-token_expiration_min, 60 minutes by default), the client reads the key file again (someone may have renewed the
-key already), and if the file still holds the refused key, it asks for a new one with the API key
-(GET <management>/token?type=inference; TorchServe rewrites the key file) and retries once.
+The front holds the inference key only: the `inference` entry of TorchServe's key_file.json. When TorchServe
+refuses it (keys expire after token_expiration_min, 60 minutes by default), the client reads the key file again and
+retries once with the newer key it finds there. It renews no key itself: whoever runs TorchServe does, and
+TorchServe rewrites the key file. A refused key that the file still holds is a 502 with that reason.
 """
+import io
 import json
 import threading
 from dataclasses import dataclass
@@ -12,38 +13,38 @@ from pathlib import Path
 
 import httpx
 
-from serving.torchserve import DEFAULT_CONFIG, read_properties
+from serving.torchserve import DEFAULT_CONFIG, ROOT, read_properties
 
 
 class TorchServeUnavailable(RuntimeError):
-    """TorchServe cannot be reached, or its keys cannot be read or renewed; the message says which."""
+    """TorchServe cannot be reached, or its inference key cannot be read or was refused; the message says which."""
 
 
 @dataclass(frozen=True)
 class Endpoints:
     inference: str
-    management: str
     key_file: Path
     model_store: Path
 
     @classmethod
     def from_state(cls, state_dir):
-        """The addresses in the config.properties that serving.serve copied into the state folder (the
-        repository's config.properties when there is none yet), and the key file beside it."""
+        """The inference address and model store in the config.properties that TorchServe was started with (the
+        copy in the state folder; the repository's config.properties when there is none yet), and the key file
+        beside it."""
         state_dir = Path(state_dir)
         config = state_dir / "config.properties"
         props = read_properties(config if config.is_file() else DEFAULT_CONFIG)
         return cls(inference=props.get("inference_address", "http://127.0.0.1:8080").rstrip("/"),
-                   management=props.get("management_address", "http://127.0.0.1:8081").rstrip("/"),
                    key_file=state_dir / "key_file.json",
-                   model_store=Path(props.get("model_store", "model_store")))
+                   model_store=ROOT / props.get("model_store", "model_store"))  # an absolute path stays as it is
 
 
-def read_key(key_file, name):
+def read_inference_key(key_file):
+    """The `inference` entry's key; nothing else of the file is kept."""
     try:
-        return json.loads(Path(key_file).read_text())[name]["key"]
+        return json.loads(Path(key_file).read_text())["inference"]["key"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise TorchServeUnavailable(f"cannot read the {name} key from {key_file} ({error.__class__.__name__}): "
+        raise TorchServeUnavailable(f"cannot read the inference key from {key_file} ({error.__class__.__name__}): "
                                     f"is TorchServe running from that state folder?") from None
 
 
@@ -53,40 +54,31 @@ def is_refused_token(response):
 
 
 class InferenceKey:
-    """The inference key, cached, renewed at most once per refusal even when many requests are refused at once."""
+    """The inference key, cached, read again from the key file at most once per refusal."""
 
-    def __init__(self, endpoints, http):
-        self.endpoints, self.http = endpoints, http
+    def __init__(self, key_file):
+        self.key_file = Path(key_file)
         self._key, self._lock = None, threading.Lock()
 
     def current(self):
         with self._lock:
             if self._key is None:
-                self._key = read_key(self.endpoints.key_file, "inference")
+                self._key = read_inference_key(self.key_file)
             return self._key
 
-    def renew(self, refused):
-        """A key to retry with after `refused` was refused."""
+    def renewed(self, refused):
+        """The key to retry with after `refused` was refused: a newer one from the key file."""
         with self._lock:
             if self._key not in (None, refused):
-                return self._key  # another request renewed it meanwhile
-            latest = read_key(self.endpoints.key_file, "inference")
-            if latest != refused:
-                self._key = latest  # renewed by someone else (TorchServe rewrote the key file)
-                return latest
-            api_key = read_key(self.endpoints.key_file, "API")
-            try:
-                response = self.http.get(f"{self.endpoints.management}/token", params={"type": "inference"},
-                                         headers={"Authorization": f"Bearer {api_key}"})
-            except httpx.HTTPError as error:
-                raise TorchServeUnavailable(f"cannot renew the inference key at {self.endpoints.management}: "
-                                            f"{error.__class__.__name__}") from None
-            if response.status_code != 200:
-                raise TorchServeUnavailable(f"TorchServe refused to renew the inference key "
-                                            f"(HTTP {response.status_code}): is {self.endpoints.key_file} the key "
-                                            f"file of the TorchServe at {self.endpoints.management}?")
-            self._key = read_key(self.endpoints.key_file, "inference")
-            return self._key
+                return self._key  # another request read the newer key meanwhile
+            latest = read_inference_key(self.key_file)
+            if latest == refused:
+                raise TorchServeUnavailable(
+                    f"TorchServe refused the inference key in {self.key_file} and the file holds no newer one: the "
+                    f"key has expired or was replaced; whoever runs TorchServe renews it (GET <management>/token"
+                    f"?type=inference with the API key), and TorchServe rewrites the key file")
+            self._key = latest
+            return latest
 
 
 def error_of(response):
@@ -104,17 +96,33 @@ def error_of(response):
     return response.text.strip()[:300] or f"TorchServe answered HTTP {response.status_code}"
 
 
+_probe_photo = None
+
+
+def probe_photo():
+    """A small plain PNG: the search that asks TorchServe which version is its default."""
+    global _probe_photo
+    if _probe_photo is None:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, format="PNG")
+        _probe_photo = buffer.getvalue()
+    return _probe_photo
+
+
 class InferenceClient:
     def __init__(self, endpoints, model, timeout=120.0):
         self.endpoints, self.model = endpoints, model
         self.http = httpx.Client(timeout=timeout)
-        self.key = InferenceKey(endpoints, self.http)
+        self.key = InferenceKey(endpoints.key_file)
 
     def close(self):
         self.http.close()
 
     def search(self, version=None, image=None, listing=None, k=None, categories=()):
-        """(HTTP status, answer dict) for a similar-items search by photo bytes or by a listing id.
+        """(HTTP status, answer dict) for a similar-items search by photo bytes or by a listing id, sent to
+        `version`, or to TorchServe's default version when None.
 
         A photo goes as a multipart file `image` with form fields; a listing as JSON (no image then)."""
         url = f"{self.endpoints.inference}/predictions/{self.model}" + (f"/{version}" if version else "")
@@ -129,13 +137,22 @@ class InferenceClient:
         key = self.key.current()
         response = self._post(url, key, request)
         if is_refused_token(response):
-            response = self._post(url, self.key.renew(key), request)
+            response = self._post(url, self.key.renewed(key), request)
         if response.status_code == 200:
             try:
                 return 200, response.json()
             except ValueError:
                 return 502, {"error": "TorchServe answered with something that is not JSON", "status": 502}
         return response.status_code, {"error": error_of(response), "status": response.status_code}
+
+    def default_version(self):
+        """The version TorchServe answers /predictions/<model> with: a search with a small plain photo, k = 1."""
+        status, answer = self.search(image=probe_photo(), k=1)
+        version = answer.get("model_version") if status == 200 else None
+        if not isinstance(version, str) or not version:
+            raise TorchServeUnavailable(f"cannot learn the default version of {self.model}: TorchServe answered "
+                                        f"HTTP {status}: {answer.get('error', 'no model_version in the answer')}")
+        return version
 
     def _post(self, url, key, request):
         try:

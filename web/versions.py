@@ -1,12 +1,16 @@
-"""The model's registered versions, read-only, for the page's version picker: default first, each with the
-categories (for the filter) and the k range its archive allows.
+"""The versions the page offers, read-only: TorchServe's default version, and the versions the operator allows
+(`--versions`), each with the categories (for the filter) and the k range from its archive.
 
-The versions come from TorchServe's management API (serving.management, management key kept here); the categories
-and k bounds come from each version's archive in the model store (manifest.json and model-config.yaml, read
-without unpacking the rest). When an archive cannot be read, the categories fall back to the catalogue image
-folder's sub-folders, which are the categories by the catalogue's layout (<category>/<image file>).
+No management call: the default version is the one TorchServe answers /predictions/<model> with (every answer
+says `model_version`). The front learns it from the answers it forwards, and asks with a small search when it has
+seen none for `ttl` seconds. The categories and k bounds come from the version's archive in the model store
+(manifest.json and model-config.yaml, read without unpacking the rest); when there is none, the categories fall back
+to the catalogue image folder's sub-folders, which are the categories by the catalogue's layout.
+
+A request for any other version is refused from this list alone, without calling TorchServe.
 """
 import json
+import re
 import threading
 import time
 import zipfile
@@ -14,25 +18,45 @@ from pathlib import Path
 
 import yaml
 
-from serving.management import ManagementClient
-from serving.serve import version_key
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-def archive_facts(path):
-    """{"categories", "items", "default_k", "max_k"} from an archive in the model store; {} when unreadable."""
+class NotOffered(ValueError):
+    """A version the front does not offer; the message says what it offers."""
+
+
+def version_key(version):
+    return tuple(int(part) if part.isdigit() else -1 for part in version.split("."))
+
+
+def parse_versions(text):
+    """"2.0,3.0" -> ["2.0", "3.0"]; raises ValueError naming a malformed version."""
+    versions = [v.strip() for v in text.split(",") if v.strip()]
+    for version in versions:
+        if not VERSION.fullmatch(version):
+            raise ValueError(f"{version!r} is not a version (letters, digits, '.', '_' and '-')")
+    return list(dict.fromkeys(versions))
+
+
+def read_archive(path):
+    """((model name, version), facts) of an archive in the model store; (None, {}) when unreadable.
+
+    facts: {"categories", "items", "default_k", "max_k"}."""
     try:
         with zipfile.ZipFile(path) as archive:
-            config_name = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"].get("configFile")
+            model = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]
+            config_name = model.get("configFile")
             manifest = json.loads(archive.read("manifest.json"))
             config = yaml.safe_load(archive.read(config_name)) if config_name else {}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, yaml.YAMLError):
-        return {}
-    handler = (config or {}).get("handler") or {}
-    items = int(manifest.get("num_items", 0))
+        identity = (str(model["modelName"]), str(model["modelVersion"]))
+        handler = (config or {}).get("handler") or {}
+        items = int(manifest.get("num_items", 0))
+        default_k, max_k = int(handler.get("default_k", 4)), int(handler.get("max_k", 100))
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile, yaml.YAMLError):
+        return None, {}
     categories = manifest.get("catalogue_categories") or manifest.get("categories", [])  # the filter's choices
-    return {"categories": [str(c) for c in categories], "items": items,
-            "default_k": int(handler.get("default_k", 4)),
-            "max_k": min(int(handler.get("max_k", 100)), items) if items else int(handler.get("max_k", 100))}
+    return identity, {"categories": [str(c) for c in categories], "items": items, "default_k": default_k,
+                      "max_k": min(max_k, items) if items else max_k}
 
 
 def folder_categories(images_dir):
@@ -42,52 +66,91 @@ def folder_categories(images_dir):
         return []
 
 
-class Versions:
-    """The list, cached for `ttl` seconds so that a page load does not cost a management call each time."""
+class ModelStore:
+    """The archives of one model in the model store, by version; each file read again only when it changes."""
 
-    def __init__(self, state_dir, model, images_dir, ttl=5.0, timeout=10):
-        self.client = ManagementClient.from_state(state_dir, timeout=timeout)
-        self.model, self.images_dir, self.ttl = model, images_dir, ttl
-        self._cached, self._at, self._lock = None, 0.0, threading.Lock()
-        self._facts = {}  # (archive path, mtime) -> archive_facts
+    def __init__(self, folder, model):
+        self.folder, self.model = Path(folder), model
+        self._read = {}  # (path, mtime, size) -> read_archive's answer
+        self._lock = threading.Lock()
 
-    def list(self, fresh=False):
-        """[{"version", "default", "categories", "items", "default_k", "max_k"}], the default first, then the
-        others newest first. Raises serving.management.ManagementError when TorchServe cannot tell."""
+    def facts(self, version):
+        """The facts of the newest archive of `version`; {} when the store has none."""
         with self._lock:
-            if fresh or self._cached is None or time.monotonic() - self._at > self.ttl:
-                self._cached, self._at = self._read(), time.monotonic()
-            return self._cached
+            found, seen = {}, {}
+            try:
+                paths = sorted(self.folder.glob("*.mar"), key=lambda p: p.stat().st_mtime)
+            except OSError:
+                paths = []
+            for path in paths:
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                key = (str(path), stat.st_mtime_ns, stat.st_size)
+                seen[key] = self._read.get(key) or read_archive(path)
+                identity, facts = seen[key]
+                if identity == (self.model, version):
+                    found = facts
+            self._read = seen
+            return found
 
-    def find(self, version):
-        """The entry of `version`, looking again once when it is not among the cached ones; None if unknown."""
-        for fresh in (False, True):
-            match = next((v for v in self.list(fresh) if v["version"] == version), None)
-            if match:
-                return match
-        return None
 
-    def _read(self):
-        entries = []
-        for entry in self.client.versions(self.model):
-            facts = self._archive_facts(entry.get("modelUrl", ""))
-            entries.append({"version": entry["modelVersion"], "default": entry["default"],
-                            "categories": facts.get("categories") or folder_categories(self.images_dir),
-                            "items": facts.get("items"), "default_k": facts.get("default_k", 4),
-                            "max_k": facts.get("max_k", 100)})
-        entries.sort(key=lambda v: version_key(v["version"]), reverse=True)
-        entries.sort(key=lambda v: not v["default"])
-        return entries
+class Versions:
+    """The default version (learned from answers, asked for when unknown or older than `ttl` seconds) and the
+    allowed ones."""
 
-    def _archive_facts(self, model_url):
-        name = Path(model_url).name
-        if not name.endswith(".mar"):
-            return {}
-        path = self.client.model_store / name
-        try:
-            key = (str(path), path.stat().st_mtime)
-        except OSError:
-            return {}
-        if key not in self._facts:
-            self._facts[key] = archive_facts(path)
-        return self._facts[key]
+    def __init__(self, model, store, images_dir, ask_default, allowed=(), ttl=30.0):
+        self.model, self.store, self.images_dir = model, store, images_dir
+        self.ask_default, self.allowed, self.ttl = ask_default, tuple(allowed), ttl
+        self._default, self._at = None, 0.0
+        self._lock, self._asking = threading.Lock(), threading.Lock()
+
+    def note_default(self, version):
+        """Records the version that answered a search sent to the default."""
+        if isinstance(version, str) and version:
+            with self._lock:
+                self._default, self._at = version, time.monotonic()
+
+    def known_default(self):
+        with self._lock:
+            return self._default
+
+    def default(self):
+        """The default version; asks TorchServe (one search) when none was seen for `ttl` seconds."""
+        with self._asking:
+            with self._lock:
+                if self._default is not None and time.monotonic() - self._at <= self.ttl:
+                    return self._default
+            self.note_default(self.ask_default())
+            return self.known_default()
+
+    def list(self):
+        """[{"version", "default", "categories", "items", "default_k", "max_k"}]: the default first, then the
+        allowed versions newest first. Raises web.torchserve_client.TorchServeUnavailable when TorchServe cannot
+        tell the default."""
+        default = self.default()
+        others = sorted((v for v in self.allowed if v != default), key=version_key, reverse=True)
+        return [self._entry(version, version == default) for version in [default, *others]]
+
+    def route(self, version):
+        """(the version to name in the URL, the version the answer must come from) for a requested version, None
+        for the default. Raises NotOffered for any version that is neither allowed nor the default."""
+        if version is None:
+            return None, None
+        if version in self.allowed:
+            return version, None
+        if version == self.known_default():
+            return None, version  # sent to the default, so that a default that moved on is noticed
+        raise NotOffered(self.refusal(version))
+
+    def refusal(self, version):
+        offered = ", ".join(["the default (no version)", *self.allowed])
+        return f"version {version!r} of {self.model} is not offered here; search {offered}"
+
+    def _entry(self, version, is_default):
+        facts = self.store.facts(version)
+        return {"version": version, "default": is_default,
+                "categories": facts.get("categories") or folder_categories(self.images_dir),
+                "items": facts.get("items"), "default_k": facts.get("default_k", 4),
+                "max_k": facts.get("max_k", 100)}

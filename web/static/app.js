@@ -14,8 +14,11 @@ function setStatus(message) {
   $("status").textContent = message;
 }
 
+// The default's option has the value "": a search sent without a version goes to TorchServe's default, whichever
+// version that is by then.
 function currentVersion() {
-  return state.versions.find((v) => v.version === $("version").value) || null;
+  const value = $("version").value;
+  return state.versions.find((v) => (value === "" ? v.default : v.version === value)) || null;
 }
 
 function checkedCategories() {
@@ -58,11 +61,13 @@ async function loadVersions() {
     if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
     state.versions = answer.versions;
     const select = $("version");
+    const chosen = select.value;
     select.replaceChildren();
     for (const v of answer.versions) {
-      select.append(new Option(v.default ? `${v.version} (default)` : v.version, v.version));
+      select.append(new Option(v.default ? `${v.version} (default)` : v.version, v.default ? "" : v.version));
     }
-    $("model-line").textContent = `Model ${answer.model}: ${answer.versions.length} version(s) registered`;
+    if (Array.from(select.options).some((option) => option.value === chosen)) select.value = chosen;
+    $("model-line").textContent = `Model ${answer.model}: ${answer.versions.length} version(s) offered`;
     applyVersion();
   } catch (error) {
     $("model-line").textContent = "The model's versions are unavailable: searches go to the default version.";
@@ -107,6 +112,8 @@ async function search(query) {
     return;
   }
   render(query, answer);
+  const shown = state.versions.find((v) => v.default);
+  if (!$("version").value && shown && shown.version !== answer.model_version) loadVersions(); // the default moved
 }
 
 function rerun() {
