@@ -11,6 +11,7 @@ explain, describe) from the first row for the whole batch; this handler looks at
 """
 import logging
 import time
+from http import HTTPStatus
 
 import numpy as np
 import torch
@@ -135,7 +136,9 @@ class VisualSearchHandler(BaseHandler):
                 error = search_error(found[idx])
                 record_rejection(self._metrics(), error)
             if error is not None:
-                self.context.set_response_status(error.status, error.reason, idx)
+                # The status line gets the standard phrase only: TorchServe 0.12 frames the phrase by its length in
+                # characters but sends its UTF-8 bytes, so a client's text there would corrupt the worker's reply.
+                self.context.set_response_status(error.status, HTTPStatus(error.status).phrase, idx)
                 answer = error_answer(error)
             elif kind == "describe":
                 answer = self._description()

@@ -396,10 +396,11 @@ def test_command_line_verifies_and_searches_by_listing(data, capsys):
         main(["info", str(data["root"] / "missing")])
 
 
-@pytest.mark.parametrize("how", [{"profile": "exact"}, {"factory": "HNSW16"}])
+@pytest.mark.parametrize("how", [{"profile": "exact"}, {"factory": "HNSW16"}, {"factory": "SQ8"},
+                                 {"factory": "PQ32"}])
 def test_updates_of_indexes_that_cannot_remove_in_place(tmp_path, how):
-    """Flat is refilled from the stored vectors at its final size; HNSW cannot remove ids and is refilled too:
-    either way the removed ids are gone and nothing is embedded again."""
+    """Flat is refilled from the stored vectors at its final size; HNSW cannot remove ids and is refilled too;
+    trained flat codes (SQ8, PQ) keep their trained codec: the removed ids are gone and nothing is embedded again."""
     vectors, clusters = synthetic(3000, seed=21)
     items = make_items(3000, clusters)
     manifest = publish_catalogue(tmp_path / "v1", vectors, items, progress=False, **how)
@@ -417,3 +418,12 @@ def test_updates_of_indexes_that_cannot_remove_in_place(tmp_path, how):
         assert [h.neighbours[0].id for h in v2.search(extra, 1)] == [f"add-{i:05d}" for i in range(5)]
     finally:
         v2.close()
+
+
+def test_an_update_that_would_leave_no_item_is_refused_and_writes_nothing(tmp_path):
+    vectors, clusters = synthetic(50, seed=23)
+    items = make_items(50, clusters)
+    publish_catalogue(tmp_path / "v1", vectors, items, profile="exact", progress=False)
+    with pytest.raises(CatalogueError, match="no item would be left"):
+        update_catalogue(tmp_path / "v1", tmp_path / "v2", remove_ids=[it.id for it in items], progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]

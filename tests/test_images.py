@@ -1,4 +1,6 @@
 """Decoding uploads: every common format and mode to RGB, and a clear reason for what is not an image."""
+import io
+
 import pytest
 from PIL import Image
 
@@ -59,3 +61,20 @@ def test_shrinking_keeps_the_model_input_close_to_a_full_decode():
         shrunk, full = transform(decode_image(data, size=225)), transform(decode_image(data))
         assert shrunk.shape == full.shape == (3, 225, 225)
         assert (shrunk - full).abs().mean() < 0.02, fmt  # normalised units; a pixel level is about 0.017
+
+
+def associated_alpha_tiff(image):
+    """A TIFF of an LA image marked as associated (premultiplied) alpha, which PIL opens in mode La."""
+    data = encode(image, "TIFF")
+    unassociated = b"\x52\x01\x03\x00\x01\x00\x00\x00\x02\x00"  # ExtraSamples (338), SHORT, 1 value: 2
+    assert data.count(unassociated) == 1
+    return data.replace(unassociated, unassociated[:8] + b"\x01\x00")
+
+
+def test_sixteen_bit_big_endian_and_associated_alpha_tiffs_decode():
+    big_endian = Image.frombytes("I;16B", (8, 8), bytes(range(128)))
+    assert Image.open(io.BytesIO(encode(big_endian, "TIFF"))).mode == "I;16B"
+    assert decode_image(encode(big_endian, "TIFF")).getpixel((7, 7)) == (126, 126, 126)  # 0x7E7F / 256
+    premultiplied = associated_alpha_tiff(Image.new("LA", (8, 8), (100, 255)))
+    assert Image.open(io.BytesIO(premultiplied)).mode == "La"
+    assert decode_image(premultiplied).getpixel((0, 0)) == (100, 100, 100)

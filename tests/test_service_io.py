@@ -62,7 +62,14 @@ def test_parameters_from_header_form_and_json_the_later_overriding_the_earlier()
     ({"body": {"image": "", "category": ["shoes", 3]}}, {}, 400, "category must be a string or a list of strings"),
     ({"body": {"image": "", "exclude": {"id": 1}}}, {}, 400, "exclude must be a string or a list of strings"),
     ({"body": {"image": "", "exclude": [f"sku-{i}" for i in range(1001)]}}, {}, 400, "exclude must name 1 to 1000"),
-    ({"body": {"k": 3}}, {}, 400, "no image in the request"),
+    ({"body": {"k": 3}}, {}, 400, 'JSON body needs "image"'),
+    ({"image": PHOTO, "extra": PHOTO}, {"image": {"content-type": "image/jpeg"}, "extra": {"content-type": "image/png"}},
+     400, "2 files in one request (extra, image)"),
+    ({"body": PHOTO}, {"X-Top-K": "\uff15"}, 400, "k must be an integer"),
+    ({"body": PHOTO}, {"X-Exclude": "a\x01b"}, 400, "exclude holds control characters"),
+    ({"body": {"image": "", "listing": "sku\ud800"}}, {}, 400, "listing holds control characters or invalid text"),
+    ({"body": PHOTO}, {"X-Exclude": "a%FFb"}, 400, "a %-escape that is not UTF-8"),
+    ({"body": PHOTO}, {"X-Output": "\xff" * 300}, 400, "... (300 characters)"),
     ({"body": b""}, {"Content-Type": "image/jpeg"}, 400, "no image in the request"),
 ])
 def test_bad_requests_are_refused_with_a_reason(row, headers, status, reason):
@@ -111,3 +118,15 @@ def test_filters_and_listing_come_from_any_channel():
     by_header = parse({"body": b""}, {"X-Listing": " sku-7 ", "Content-Type": "application/octet-stream"})
     assert by_header.image is None and by_header.listing == "sku-7"
     assert parse({"listing": b"sku-9"}, {"Content-Type": "application/x-www-form-urlencoded"}).listing == "sku-9"
+
+
+def test_header_values_are_read_as_the_utf8_the_client_sent():
+    latin1_view = "électroménager".encode("utf-8").decode("latin-1")  # what TorchServe hands over
+    assert parse({"body": PHOTO}, {"X-Category": latin1_view}).categories == ("électroménager",)
+    assert parse({"body": PHOTO}, {"X-Category": "caf\xe9"}).categories == ("caf\xe9",)  # not UTF-8: as it came
+
+
+def test_names_with_commas_or_percent_signs_are_escaped_in_text():
+    query = parse({"body": PHOTO}, {"X-Exclude": "a%2Cb,100%25,c"})
+    assert query.exclude == ("a,b", "100%", "c")
+    assert parse({"body": {"image": "", "exclude": ["a,b", "100%"]}}).exclude == ("a,b", "100%")  # JSON: as is

@@ -225,6 +225,8 @@ def update_catalogue(source_dir, out_dir, *, add_items=(), add_embeddings=None, 
                 raise ValueError(f"{len(add_items)} added items for {len(reader)} embedding rows")
         if not add_items and not remove_ids:
             raise ValueError("nothing to change: no items to add or remove")
+        if old["count"] - len(removed) + len(add_items) <= 0:
+            raise CatalogueError(f"no item would be left in {out_dir}: a catalogue holds at least one item")
         clashes = [i for i in source.items.keys_of([it.id for it in add_items]) if i not in removed]
         if clashes:
             raise CatalogueError(f"ids already in the catalogue: {', '.join(map(repr, clashes[:10]))} (remove them "
@@ -268,8 +270,11 @@ def update_catalogue(source_dir, out_dir, *, add_items=(), add_embeddings=None, 
             timings["items"] = time.perf_counter() - started
 
             started = time.perf_counter()
-            if flat_codes(source.index) is not None:  # raw vectors, nothing trained: refill, at its final size
+            if flat_codes(source.index) is not None:  # flat codes: refill, at its final size
                 index = new_index(old["factory"])
+                if not index.is_trained:  # trained codes (SQ, PQ): the source's codec, read privately, emptied
+                    index = open_index(source.folder / INDEX_FILE)
+                    index.reset()
                 keep = np.flatnonzero(np.unpackbits(source.alive(), bitorder="little"))
                 keep = keep[~np.isin(keep, removed_keys)]
                 reserve(index, len(keep) + added)

@@ -111,6 +111,16 @@ class Selection:
                 keep.append(selector)
         return selector, keep
 
+    def allows(self, keys):
+        """bool array of `keys`' shape: the key (-1: none) passes the filter."""
+        keys = np.asarray(keys, dtype=np.int64)
+        passes = keys >= 0
+        if self.bitmap is not None:
+            passes &= bits_of(self.bitmap, np.maximum(keys, 0))
+        if len(self.excluded):
+            passes &= ~np.isin(keys, self.excluded)
+        return passes
+
     def keys(self, alive):
         """Sorted keys that pass, given the bitmap of every item in the catalogue (for exact scans of small sets)."""
         bits = alive if self.bitmap is None else self.bitmap

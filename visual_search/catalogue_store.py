@@ -30,7 +30,7 @@ from .catalogue_files import (CATEGORIES_FILE, INDEX_FILE, ITEMS_FILE, LISTS_FIL
                               check_files, read_manifest, verify_files)
 from .catalogue_filters import (FilterError, SearchError, Selection, UnknownListingError, bitmap_bytes, bits_of,
                                 describe, popcounts)
-from .index import apply_search_params, is_exact_codes, ivf_of, open_index, search_parameters, search_preassigned
+from .index import apply_search_params, is_exact_codes, takes_search_params, ivf_of, open_index, search_parameters, search_preassigned
 from .item_store import ItemStore
 from .vector_store import Segment, VectorStore
 
@@ -201,6 +201,7 @@ class Catalogue:
         self.search_params = dict(manifest["search"])
         self.k_factor = int(self.search_params.get("k_factor", 1))
         self.exact_codes = is_exact_codes(index)
+        self.takes_params = takes_search_params(index)
         self.ivf = ivf_of(index)
         self._alive = None
 
@@ -394,6 +395,14 @@ class Catalogue:
         return distances, keys
 
     def _faiss(self, queries, k, selection, nprobe=None, ef=None):
+        if not self.takes_params:  # e.g. IndexPQ: a wider search, filtered after; a short row is finished exactly
+            wide = min(self.count, max(k, math.ceil(k * selection.total / selection.count)) + len(selection.excluded))
+            distances, keys = self.index.search(queries, wide)
+            allowed = selection.allows(keys)
+            order = np.argsort(~allowed, axis=1, kind="stable")[:, :k]
+            distances = np.where(np.take_along_axis(allowed, order, 1), np.take_along_axis(distances, order, 1), np.inf)
+            keys = np.where(np.take_along_axis(allowed, order, 1), np.take_along_axis(keys, order, 1), -1)
+            return distances.astype(np.float32), keys
         selector, keep = selection.selector()
         params, keep_params = search_parameters(self.index, selector, nprobe=nprobe, efSearch=ef,
                                                 quantizer_efSearch=self.search_params.get("quantizer_efSearch"))

@@ -7,10 +7,12 @@ full-resolution ones, and the transform's resize does the rest. Training and ser
 import io
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MAX_PIXELS = 40_000_000  # about 6300x6300; larger uploads are refused, not decoded
+PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}  # TIFF's associated alpha
 
 
 class InputError(ValueError):
@@ -27,9 +29,12 @@ class InputError(ValueError):
 
 
 def to_rgb(image):
-    """Any PIL mode (L, P, LA, RGBA, I;16, CMYK...) to RGB; transparency is laid on white."""
+    """Any PIL mode (L, P, LA, La, RGBA, I;16 in either byte order, I, F, CMYK...) to RGB; transparency is laid on
+    white, and 16- and 32-bit values are scaled down by 256."""
     if image.mode == "RGB":
         return image
+    if image.mode in PREMULTIPLIED:
+        image = image.convert(PREMULTIPLIED[image.mode])
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -37,7 +42,8 @@ def to_rgb(image):
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        image = image.point(lambda v: v / 256).convert("L")
+        values = np.asarray(image, dtype=np.float64) / 256
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
 
 

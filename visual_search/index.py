@@ -145,6 +145,8 @@ def plan_index(count, profile=None, factory=None, search=None):
             defaults["k_factor"] = 2
     elif "HNSW" in factory:
         defaults = {"efSearch": 64, "k_factor": 2}
+    elif not is_exact_codes(index):  # flat codes (SQ, PQ): a shortlist re-ranked exactly
+        defaults = {"k_factor": 2}
     return IndexPlan("custom", factory, {**defaults, **check_search_params(search)})
 
 
@@ -171,6 +173,12 @@ def is_exact_codes(index):
     if ivf is not None:
         return isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat)
     return isinstance(inner, faiss.IndexFlat)
+
+
+def takes_search_params(index):
+    """False for an index whose search refuses SearchParameters (IndexPQ in FAISS 1.15), so takes no selector."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return not isinstance(inner, faiss.IndexPQ)
 
 
 def flat_codes(index):

@@ -13,6 +13,7 @@ import binascii
 import json
 import re
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 from .images import InputError, decode_image
 
@@ -35,17 +36,48 @@ def bad_parameter(message):
     return InputError(message, label="bad_parameter")
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+SHOWN_CHARACTERS = 60
+
+
+def shown(value):
+    """`value` as a reason quotes it: repr, cut to a few dozen characters."""
+    if isinstance(value, str) and len(value) > SHOWN_CHARACTERS:
+        return f"{value[:SHOWN_CHARACTERS]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= 2 * SHOWN_CHARACTERS else f"{text[:2 * SHOWN_CHARACTERS]}... (cut)"
+
+
+def header_text(value):
+    """A header value as the client wrote it. TorchServe hands headers over as ISO-8859-1 characters, one per byte
+    on the wire; a value whose bytes are UTF-8 is decoded as UTF-8, anything else is kept as it came."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("latin-1")
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
+
+
+def check_plain(name, value):
+    """Refuses text with control characters or lone surrogates (no id, category or option holds them)."""
+    texts = value if isinstance(value, list) else [value]
+    if any(isinstance(text, str) and CONTROL_CHARACTERS.search(text) for text in texts):
+        raise bad_parameter(f"{name} holds control characters or invalid text: {shown(value)}")
+    return value
+
+
 def read_output(value, limits, text):
     if not isinstance(value, str) or value.strip().lower() not in OUTPUTS:
-        raise bad_parameter(f"output must be one of {', '.join(OUTPUTS)}, not {value!r}")
+        raise bad_parameter(f"output must be one of {', '.join(OUTPUTS)}, not {shown(value)}")
     return value.strip().lower()
 
 
 def read_k(value, limits, text):
-    if text and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,9}\s*", value):
+    if text and isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,9}\s*", value, re.ASCII):
         value = int(value)
     elif text or type(value) is not int:  # JSON: a real integer; 2.9, true and "3" are refused, not converted
-        raise bad_parameter(f"k must be an integer, not {value!r}")
+        raise bad_parameter(f"k must be an integer, not {shown(value)}")
     if not 1 <= value <= limits.max_k:
         raise bad_parameter(f"k must be between 1 and {limits.max_k}, not {value}")
     return value
@@ -58,21 +90,30 @@ MAX_NAMES = {"category": 100, "exclude": 1000}
 def read_listing(value, limits, text):
     if not isinstance(value, str) or not value.strip() or len(value.strip()) > MAX_ID_LENGTH:
         raise bad_parameter(f"listing must be a catalogue id (a non-empty string of at most {MAX_ID_LENGTH} "
-                            f"characters), not {value!r}")
+                            f"characters), not {shown(value)}")
     return value.strip()
 
 
+def split_names(text):
+    """Comma-separated names; a comma or a percent sign inside a name is written %2C or %25."""
+    return [unquote(part, errors="strict") if "%" in part else part for part in text.split(",")]
+
+
 def names_reader(name):
-    """Reads a list of names: comma-separated text, or JSON as one string or a list of strings."""
+    """Reads a list of names: comma-separated text (split_names), or JSON as one string or a list of strings."""
     def read(value, limits, text):
         if isinstance(value, str):
-            value = value.split(",") if text else [value]
+            try:
+                value = split_names(value) if text else [value]
+            except UnicodeDecodeError:
+                raise bad_parameter(f"{name}: a %-escape that is not UTF-8 in {shown(value)}") from None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad_parameter(f"{name} must be a string or a list of strings, not {value!r}")
+            raise bad_parameter(f"{name} must be a string or a list of strings, not {shown(value)}")
+        check_plain(name, value)
         names = tuple(dict.fromkeys(v.strip() for v in value if v.strip()))
         if not names or len(names) > MAX_NAMES[name] or max(map(len, names)) > MAX_ID_LENGTH:
             raise bad_parameter(f"{name} must name 1 to {MAX_NAMES[name]} values of at most {MAX_ID_LENGTH} "
-                                f"characters each, not {value!r}")
+                                f"characters each, not {shown(value)}")
         return names
     return read
 
@@ -137,7 +178,7 @@ def split_headers(headers):
         if isinstance(value, dict):
             parts[name] = value.get("content-type") or ""
         else:
-            http[name.lower()] = value
+            http[name.lower()] = header_text(value)
     return http, parts
 
 
@@ -179,6 +220,10 @@ def image_and_fields(row, content_type, part_types):
     body = row.get("body", row.get("data"))
     if body is not None:
         return _raw_body(body, content_type), fields
+    files = [name for name in fields if name not in PARAMETERS and part_types.get(name)]
+    if len(files) > 1:
+        raise InputError(f"{len(files)} files in one request ({', '.join(sorted(files))}): send one image per "
+                         f'request, in the field "{IMAGE_FIELD}"', label="bad_body")
     if IMAGE_FIELD in fields:
         image = fields.pop(IMAGE_FIELD)
         if part_types.get(IMAGE_FIELD) == "application/json" or isinstance(image, (dict, list)):
@@ -186,10 +231,6 @@ def image_and_fields(row, content_type, part_types):
         if not isinstance(image, (bytes, bytearray)):
             raise InputError(f'the "{IMAGE_FIELD}" field is not an image file: {SEND_AN_IMAGE}', label="bad_body")
         return bytes(image), fields
-    files = [name for name in fields if name not in PARAMETERS and part_types.get(name)]
-    if len(files) > 1:
-        raise InputError(f"{len(files)} files in one request ({', '.join(sorted(files))}): send one image per "
-                         f'request, in the field "{IMAGE_FIELD}"', label="bad_body")
     if files:
         return bytes(fields.pop(files[0])), fields
     return None, fields
@@ -206,7 +247,8 @@ def read_parameters(http, fields, json_fields, limits):
             value = _text(fields[name])
         if name in json_fields:
             value, text = json_fields[name], False
-        params[name] = parameter.default(limits) if value is None else parameter.read(value, limits, text)
+        params[name] = parameter.default(limits) if value is None else \
+            parameter.read(check_plain(name, value), limits, text)
     return params
 
 
@@ -222,6 +264,9 @@ def parse_query(row, headers, limits, decode=decode_image):
         if params["output"] != "similar":
             raise bad_parameter("a listing can only be searched by (output=similar); send a photo for an embedding")
         return Query(image=None, params=params)
+    if data is None and isinstance(body, dict):
+        raise InputError('JSON body needs "image": the image bytes in base64, or "listing": a catalogue id to '
+                         'search by', label="empty")
     if data is None:
         raise InputError(f"no image in the request: {SEND_AN_IMAGE}, or name a catalogue id to search by "
                          f"(X-Listing header, or a listing field)", label="empty")
@@ -229,8 +274,8 @@ def parse_query(row, headers, limits, decode=decode_image):
 
 
 def compact_json(answer):
-    """An answer as compact UTF-8 JSON bytes (TorchServe would pretty-print a dict)."""
-    return json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """An answer as compact JSON bytes, ASCII with \\u escapes (TorchServe would pretty-print a dict)."""
+    return json.dumps(answer, separators=(",", ":")).encode("ascii")
 
 
 def error_answer(error):
