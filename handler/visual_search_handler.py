@@ -10,6 +10,7 @@ explain, describe) from the first row for the whole batch; this handler looks at
 /explanations request gets its own 400 and never changes what the other requests in its batch get.
 """
 import logging
+import os
 import time
 from http import HTTPStatus
 
@@ -22,7 +23,7 @@ from visual_search.catalogue_filters import UnknownListingError
 from visual_search.catalogue_store import SearchRequest
 from visual_search.handler_metrics import record_batch, record_rejection, timed
 from visual_search.images import InputError
-from visual_search.runtime import Runtime, RuntimeSettings, share_cores
+from visual_search.runtime import CoreShare, Runtime, RuntimeSettings
 from visual_search.service_io import Limits, compact_json, error_answer
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,7 @@ class VisualSearchHandler(BaseHandler):
         properties = context.system_properties
         config = context.model_yaml_config or {}
         settings = config.get("handler", {})
-        workers = max(int(config.get("minWorkers", 1)), int(config.get("maxWorkers", 1)))
-        self.threads = share_cores(workers, settings.get("threads"))
+        self.cores = CoreShare(settings.get("threads"))
         # raises, and the load fails, on any mismatch
         self.bundle = load_bundle(properties["model_dir"], catalogue_dir=settings.get("catalogue_dir"))
         self.catalogue = self.bundle.catalogue
@@ -70,7 +70,7 @@ class VisualSearchHandler(BaseHandler):
         self.initialized = True
         log.info("loaded %s v%s: catalogue %s (%d items, %s) on %s, runtime %s, %d threads (warm-up %.1f s)",
                  self.model_name, self.version, self.catalogue.folder, self.catalogue.count,
-                 self.catalogue.manifest["factory"], self.device, self.runtime.settings.to_dict(), self.threads,
+                 self.catalogue.manifest["factory"], self.device, self.runtime.settings.to_dict(), self.cores.threads,
                  self.runtime.warmup_seconds)
 
     def _metrics(self):
@@ -80,6 +80,7 @@ class VisualSearchHandler(BaseHandler):
         """One answer per row, as compact JSON bytes, whatever the other rows of the batch ask for."""
         start = time.perf_counter()
         self.context = context
+        self.cores.update()
         answers = self.postprocess(self.inference(self.preprocess(data)))
         if self._metrics() is not None:
             self._metrics().add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
@@ -183,4 +184,5 @@ class VisualSearchHandler(BaseHandler):
                               "bundled": manifest["catalogue"].get("bundled", False)},
                 "embedding_dim": manifest["embedding_dim"],
                 "preprocess": manifest["preprocess"], "runtime": self.runtime.settings.to_dict(),
-                "default_k": self.limits.default_k, "max_k": self.limits.max_k, "threads": self.threads}
+                "default_k": self.limits.default_k, "max_k": self.limits.max_k, "threads": self.cores.threads,
+                "workers_on_host": self.cores.workers, "pid": os.getpid()}

@@ -39,7 +39,8 @@ def model_config(args):
         "responseTimeout": args.response_timeout,
         "startupTimeout": args.startup_timeout,
         "handler": {"default_k": args.default_k, "max_k": args.max_k,
-                    **({"catalogue_dir": args.catalogue_dir} if args.catalogue_dir else {})},
+                    **({"catalogue_dir": args.catalogue_dir} if args.catalogue_dir else {}),
+                    **({"threads": args.threads} if args.threads else {})},
     }
 
 
@@ -58,6 +59,9 @@ def get_args(argv=None):
                         "what the model does)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--max-workers", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and FAISS threads per worker (default: the host's CPUs, bounded by the cgroup quota and "
+                        "$VISUAL_SEARCH_CPUS, shared among the live workers)")
     p.add_argument("--response-timeout", type=int, default=120, help="s")
     p.add_argument("--startup-timeout", type=int, default=300, help="s")
     p.add_argument("--default-k", type=int, default=4)

@@ -427,3 +427,26 @@ def test_an_update_that_would_leave_no_item_is_refused_and_writes_nothing(tmp_pa
     with pytest.raises(CatalogueError, match="no item would be left"):
         update_catalogue(tmp_path / "v1", tmp_path / "v2", remove_ids=[it.id for it in items], progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]
+
+
+def test_the_keys_of_a_small_filtered_set_come_without_unpacking_the_whole_bitmap():
+    """At 10^8 keys a category bitmap is 12.5 MB; unpacked to one byte per key it would be 100 MB per request."""
+    import tracemalloc
+
+    from visual_search.catalogue_filters import Selection, category_bitmaps, set_keys
+
+    key_space = 100_000_000
+    bitmap = np.zeros((key_space + 7) // 8, dtype=np.uint8)
+    chosen = np.sort(np.random.default_rng(3).choice(key_space, 200, replace=False))
+    bitmap[chosen >> 3] |= (1 << (chosen & 7)).astype(np.uint8)
+    tracemalloc.start()
+    try:
+        keys = Selection(count=200, total=key_space, bitmap=bitmap, excluded=chosen[:2]).keys(bitmap)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert keys.tolist() == chosen[2:].tolist()
+    assert peak < 1_000_000, peak
+    codes = np.random.default_rng(4).integers(-1, 3, 1000)
+    for code, row in enumerate(category_bitmaps(codes, 3, 1000)):
+        assert set_keys(row).tolist() == np.flatnonzero(codes == code).tolist()

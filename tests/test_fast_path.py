@@ -5,11 +5,13 @@ CUDA-only settings are tested on CUDA and skipped elsewhere, never imitated on t
 import json
 import os
 import zipfile
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks.inprocess import handle, load_handler, synthetic_bundle
 from benchmarks.parity import agreement
@@ -18,7 +20,7 @@ from serving.build_archive import main as build_archive
 from tests.fixtures import encode, product_photo
 from visual_search.bundle import load_bundle
 from visual_search.images import InputError, decode_image
-from visual_search.runtime import Runtime, RuntimeSettings, share_cores
+from visual_search.runtime import Jpeg, Runtime, RuntimeSettings, cgroup_cpus, count_workers, cpu_budget, share_cores
 from visual_search.service_io import Limits
 
 CUDA = torch.cuda.is_available()
@@ -104,17 +106,95 @@ def test_batch_jpeg_decoder_matches_pil_and_falls_back(fast_bundle, photos):
     png = encode(product_photo("bags", 5, size=(50, 40)), "PNG")
     bogus = bogus_huffman_table(photos[3])
     images = [runtime.decode_images(b) for b in (photos[0], photos[1], png, bogus)]
-    assert [isinstance(image, bytes) for image in images] == [True, True, False, True]
+    assert [isinstance(image, Jpeg) for image in images] == [True, True, False, True]
     assert images[2].mode == "RGB"  # the PNG was decoded by PIL
     cut_short = photos[2][: len(photos[2]) - 200] + b"\xff\xd9"
-    decoded = runtime.decode_jpegs(images + [cut_short])
-    assert isinstance(decoded[3], InputError) and "corrupt" in decoded[3].reason and decoded[3].status == 400
-    assert isinstance(decoded[4], torch.Tensor) and decoded[4].shape == (3, *SIZE[::-1])
-    fast = runtime.to_batch(decoded[:3])
-    slow = runtime.to_batch([decode_image(b) for b in (photos[0], photos[1], png)])
+    decoded = runtime.decode_on_device([images[0].data, bogus, cut_short])
+    assert decoded[1] is None and isinstance(decoded[2], torch.Tensor) and decoded[2].shape == (3, *SIZE[::-1])
+    tensors = runtime.to_tensors(images)
+    assert isinstance(tensors[3], InputError) and "corrupt" in tensors[3].reason and tensors[3].status == 400
+    fast = torch.stack(tensors[:3])
+    slow = torch.stack(runtime.to_tensors([decode_image(b) for b in (photos[0], photos[1], png)]))
     assert fast.shape == slow.shape == (3, 3, 32, 32)
     assert torch.allclose(fast[2], slow[2])  # the PNG took the PIL path in both
     assert (fast[:2] - slow[:2]).abs().mean() < 0.05
+
+
+class RecordingDecoder:
+    """torchvision's CPU decoder standing in for the GPU's: records the decoded pixels of each call, and fails
+    like CUDA does (torch.cuda.OutOfMemoryError) for a call over `fail_over` pixels."""
+
+    def __init__(self, fail_over=None):
+        self.calls, self.fail_over = [], fail_over
+
+    def __call__(self, data, mode, device):
+        from torchvision.io import decode_jpeg
+
+        tensors = data if isinstance(data, list) else [data]
+        pixels = sum(int(np.prod(torchvision_size(t))) for t in tensors)
+        self.calls.append(pixels)
+        if self.fail_over is not None and pixels > self.fail_over:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 108.00 MiB")
+        return decode_jpeg(data, mode=mode, device=device)
+
+
+def torchvision_size(tensor):
+    from PIL import Image as PILImage
+    import io
+    return PILImage.open(io.BytesIO(tensor.numpy().tobytes())).size
+
+
+def test_a_large_jpeg_is_decoded_scaled_down_by_pil_never_full_size_on_the_device(fast_bundle):
+    """A flat 6000x6000 JPEG (a few KB) would decode to 108 MB: it goes to PIL, which decodes it at 1/8 scale."""
+    runtime = Runtime(load_bundle(fast_bundle), "cpu", RuntimeSettings(gpu_decode=True))
+    runtime.decode_jpeg = RecordingDecoder()
+    flat = encode(Image.new("RGB", (6000, 6000), (200, 180, 160)), "JPEG", quality=50)
+    assert len(flat) < 1_000_000
+    image = runtime.decode_images(flat)
+    assert not isinstance(image, Jpeg) and max(image.size) <= 1500, image.size
+    queries, errors, batch = runtime.prepare([{"body": flat}, {"body": product_jpeg(1, SIZE)}], [{}, {}], Limits(4, 4))
+    assert errors == [None, None] and batch.shape == (2, 3, 32, 32)
+    assert runtime.decode_jpeg.calls == [SIZE[0] * SIZE[1]]  # only the small photo went to the device
+
+
+def test_device_decoding_runs_in_chunks_of_bounded_pixels(fast_bundle):
+    runtime = Runtime(load_bundle(fast_bundle), "cpu", RuntimeSettings(gpu_decode=True))
+    runtime.decode_jpeg, runtime.chunk_pixels = RecordingDecoder(), 3 * 640 * 480
+    bodies = [product_jpeg(seed, (640, 480)) for seed in range(8)]
+    _, errors, batch = runtime.prepare([{"body": b} for b in bodies], [{}] * 8, Limits(4, 4))
+    assert errors == [None] * 8 and batch.shape == (8, 3, 32, 32)
+    assert runtime.decode_jpeg.calls == [3 * 640 * 480, 3 * 640 * 480, 2 * 640 * 480]
+
+
+def test_a_device_out_of_memory_error_falls_back_to_pil_for_that_chunk_only(fast_bundle, photos):
+    """What CUDA raises for a chunk it cannot hold does not escape: those images are decoded by PIL, the others
+    on the device, a corrupt one is refused on its own, and the batch is answered."""
+    runtime = Runtime(load_bundle(fast_bundle), "cpu", RuntimeSettings(gpu_decode=True))
+    runtime.decode_jpeg, runtime.chunk_pixels = RecordingDecoder(fail_over=2 * 640 * 480), 3 * 640 * 480
+    bodies = [product_jpeg(seed, (640, 480)) for seed in range(4)] + [bogus_huffman_table(photos[3])]
+    _, errors, batch = runtime.prepare([{"body": b} for b in bodies], [{}] * 5, Limits(4, 4))
+    assert errors[:4] == [None] * 4 and isinstance(errors[4], InputError) and errors[4].status == 400
+    expected = torch.stack(runtime.to_tensors([decode_image(b, 32) for b in bodies[:4]]))
+    assert batch.shape == (4, 3, 32, 32) and (batch - expected).abs().mean() < 0.05
+    assert runtime.decode_jpeg.calls[0] == 3 * 640 * 480  # failed: PIL decoded those three
+
+
+def test_a_batch_the_device_cannot_hold_runs_in_halves(fast_bundle, photos):
+    runtime = Runtime(load_bundle(fast_bundle), "cpu")
+    forward, sizes = runtime.forward, []
+
+    def limited(batch):  # fails like CUDA for a batch over 2 images
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return forward(batch)
+
+    _, _, batch = runtime.prepare([{"body": p} for p in photos[:5]], [{}] * 5, Limits(4, 4))
+    expected = runtime.embed(batch)
+    runtime.forward = limited
+    embeddings, probabilities = runtime.embed(batch)
+    assert sizes == [5, 3, 2, 1, 2] and embeddings.shape == (5, 2048)
+    assert np.allclose(embeddings, expected[0], atol=1e-5) and np.allclose(probabilities, expected[1], atol=1e-5)
 
 
 @needs_cuda
@@ -126,7 +206,7 @@ def test_fp16_channels_last_on_cuda_keeps_99_percent_of_top4(fast_bundle, photos
 @needs_cuda
 def test_gpu_decode_on_cuda_returns_device_tensors(fast_bundle, photos):
     runtime = Runtime(load_bundle(fast_bundle), "cuda", RuntimeSettings(gpu_decode=True))
-    decoded = runtime.decode_jpegs([runtime.decode_images(p) for p in photos[:4]])
+    decoded = runtime.decode_on_device([runtime.decode_images(p).data for p in photos[:4]])
     assert all(t.is_cuda and t.dtype == torch.uint8 for t in decoded)
 
 
@@ -144,3 +224,36 @@ def test_compile_happens_at_load_time(fast_bundle, photos):
         embeddings, _ = runtime.embed(batch)
         assert np.isfinite(embeddings).all() and embeddings.shape == (size, 2048)
     assert counters["stats"]["unique_graphs"] == compiled_at_load, "a request triggered a compile"
+
+
+def test_the_cpu_budget_is_bounded_by_the_cgroup_quota_and_the_pod_s_request(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    (v2).mkdir()
+    (v1 / "cpu").mkdir(parents=True)
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpus(v2) == 2 and cgroup_cpus(v1) == 1 and cgroup_cpus(tmp_path / "none") is None
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpus(v2) is None
+    assert cpu_budget({}, v1) == 1 and cpu_budget({}, v2) == cores
+    assert cpu_budget({"VISUAL_SEARCH_CPUS": "1"}, v2) == 1 and cpu_budget({"VISUAL_SEARCH_CPUS": "0.5"}, v2) == 1
+    assert cpu_budget({"VISUAL_SEARCH_CPUS": "lots"}, v2) == cores
+
+
+def test_live_workers_are_counted_from_their_siblings(tmp_path):
+    """Real processes: two children of this one that run a script named like TorchServe's worker see each other."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "model_service_worker.py"
+    script.write_text("import sys, time\nsys.path.insert(0, sys.argv[1])\nfrom visual_search.runtime import "
+                      "count_workers\ntime.sleep(float(sys.argv[2]))\nprint(count_workers(), flush=True)\n")
+    root = str(Path(__file__).resolve().parent.parent)
+    first = subprocess.Popen([sys.executable, str(script), root, "4"], stdout=subprocess.PIPE, text=True)
+    second = subprocess.Popen([sys.executable, str(script), root, "4"], stdout=subprocess.PIPE, text=True)
+    assert first.communicate(timeout=60)[0].strip() == second.communicate(timeout=60)[0].strip() == "2"
+    alone = subprocess.run([sys.executable, str(script), root, "0"], capture_output=True, text=True, timeout=60)
+    assert alone.stdout.strip() == "1"
+    assert count_workers() == 1  # not a TorchServe worker, nor beside one

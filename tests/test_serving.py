@@ -225,3 +225,35 @@ def test_requests_without_the_token_are_refused(torchserve):
     assert requests.get(f"{torchserve.urls['management']}/models", timeout=30).status_code in (400, 401)
     assert requests.get(f"{torchserve.urls['management']}/models", headers=torchserve.headers("management"),
                         timeout=30).status_code == 200
+
+
+def describe(server):
+    response = requests.get(f"{server.urls['management']}/models/{MODEL_NAME}?customized=true",
+                            headers=server.headers("management"), timeout=60)
+    assert response.status_code == 200, response.text
+    metadata = response.json()[0]["customizedMetadata"]
+    return json.loads(metadata) if isinstance(metadata, str) else metadata
+
+
+def scale(server, workers):
+    response = requests.put(f"{server.urls['management']}/models/{MODEL_NAME}", headers=server.headers("management"),
+                            params={"min_worker": workers, "max_worker": workers, "synchronous": "true"}, timeout=120)
+    assert response.status_code == 200, response.text
+
+
+def test_after_scaling_each_worker_takes_its_share_of_the_cores(torchserve):
+    """Threads follow the live worker count, not the archive's: after scale to 2, each of the two workers runs
+    half the cores, within the next check (every 10 s, at a batch)."""
+    cores = len(os.sched_getaffinity(0))
+    assert describe(torchserve)["threads"] == cores
+    scale(torchserve, 2)
+    try:
+        seen, deadline = {}, time.time() + 90
+        while time.time() < deadline and (len(seen) < 2 or any(t != max(1, cores // 2) for t in seen.values())):
+            for described in concurrently([lambda: describe(torchserve)] * 6, stagger=0):  # both workers busy
+                seen[described["pid"]] = described["threads"]
+            time.sleep(0.5)
+        assert len(seen) == 2 and set(seen.values()) == {max(1, cores // 2)}, seen
+    finally:
+        scale(torchserve, 1)
+    assert predict(torchserve, photo_bytes()).status_code == 200

@@ -69,6 +69,13 @@ def set_bits(bitmap, keys, value):
         np.bitwise_and.at(bitmap, keys >> 3, (~(1 << (keys & 7))).astype(np.uint8))
 
 
+def set_keys(bitmap):
+    """Sorted keys whose bit is set; only the non-zero bytes are unpacked."""
+    at = np.flatnonzero(bitmap)
+    rows, bits = np.nonzero(np.unpackbits(np.asarray(bitmap)[at][:, None], axis=1, bitorder="little"))
+    return at[rows].astype(np.int64) * 8 + bits
+
+
 def bits_of(bitmap, keys):
     keys = np.asarray(keys, dtype=np.int64)
     return ((bitmap[keys >> 3] >> (keys & 7)) & 1).astype(bool)
@@ -123,8 +130,7 @@ class Selection:
 
     def keys(self, alive):
         """Sorted keys that pass, given the bitmap of every item in the catalogue (for exact scans of small sets)."""
-        bits = alive if self.bitmap is None else self.bitmap
-        keys = np.flatnonzero(np.unpackbits(bits, bitorder="little"))
+        keys = set_keys(alive if self.bitmap is None else self.bitmap)
         if len(self.excluded):
             keys = keys[~np.isin(keys, self.excluded)]
         return keys

@@ -142,7 +142,7 @@ PARAMETERS = {  # read in this order
 
 @dataclass
 class Query:
-    image: object  # RGB PIL image, JPEG bytes left for a batch decoder, a uint8 tensor (visual_search.runtime),
+    image: object  # RGB PIL image, a Jpeg left for the batch decoder (visual_search.runtime),
     #                or None when the request searches by a listing id
     params: dict = field(default_factory=dict)
 
