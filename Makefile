@@ -9,6 +9,7 @@ demo: setup
 	$(PY) -m demo
 
 test: setup
+	.venv/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 # TorchServe, then the search page beside it (docs/web.md). IMAGES: the catalogue image folder.

@@ -1,10 +1,6 @@
-"""The whole pipeline on the embedded Fashion-MNIST catalogue: data, training, index, archive, TorchServe, queries.
-
-    make demo                      # or: .venv/bin/python -m demo [--profile cpu|gpu]
-
-Without a GPU it trains on a seeded subset at a small input size (it says so) to finish in under 5 minutes on
-2 quiet cores (README shows a 262 s run; the budget is 15); with one it trains at 225x225 on all 70,000 images.
-"""
+"""The whole pipeline on the embedded Fashion-MNIST catalogue: data, training, index, archive, TorchServe, queries
+(`make demo`, or `.venv/bin/python -m demo --profile cpu|gpu`). Without a GPU it trains on a seeded subset at a
+small input size, and says so; with one, at 225x225 on all 70,000 images."""
 import argparse
 import concurrent.futures
 import json
@@ -15,16 +11,14 @@ import requests
 import torch
 
 from serving.build_archive import main as build_archive
-from serving.serve import DEFAULT_STATE
-from serving.torchserve import TorchServe
+from serving.torchserve import DEFAULT_STATE, ROOT, TorchServe
 from training.build_index import main as build_index
 from training.evaluate import main as evaluate
+from training.fashion_mnist import DEFAULT_SOURCE, export_folders
+from training.plot import draw_results
 from training.train import main as train
-from visual_search.catalogue import read_csv
-from visual_search.fashion_mnist import DEFAULT_SOURCE, export_folders
-from visual_search.picture import draw_results
+from visual_search.items import read_csv
 
-ROOT = Path(__file__).resolve().parent
 PROFILES = {
     # 6,000 training images at 48 px, 3 epochs of one-cycle SGD: about 4 minutes of training on 2 cores.
     "cpu": dict(image_size=48, max_per_category=857, epochs=3, batch_size=64, lr=0.02, eval_per_category=200,

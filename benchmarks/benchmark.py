@@ -1,22 +1,8 @@
-"""In-process versus served throughput of the visual-search path, measured in one run on one machine.
-
-    python -m benchmarks.benchmark --image-size 225 --batch-size 4 --max-batch-delay 20 --workers 1 \
-        --users 1,2,4,8,16 --step-time 60s --out results/benchmark
-
-(a) the archive's handler, run from the unpacked archive in a process of its own (benchmarks.handler_child), on
-batches of --batch-size 640x480 JPEGs: decoding, model, search and the answers serialised as the worker does;
-(b) TorchServe with the same archive under Locust, users growing to saturation; b/a; p50/p95/p99 at a moderate
-fixed load (--moderate-fraction of the saturated rate); one user's p50 against the in-process batch-1 time;
-where a lone request's time goes (TorchServe's queue, which holds it for maxBatchDelay waiting for company, the
-trip to the worker and back, the rest: HTTP and the client), from TorchServe's own metrics around sequential
-requests; and the bytes of each kind of answer.
---code measures another checkout's handler and package with this same script (e.g. one extracted with
-`git archive <commit> | tar -x -C /tmp/baseline`): its own serving.build_archive packs them.
-Writes <out>/benchmark.json and <out>/latency_vs_throughput.png.
-"""
+"""In-process against served throughput, one run: (a) the archive's handler on batches of 640x480 JPEGs in a
+process of its own; (b) TorchServe under Locust, users growing to saturation: b/a, p50/p95/p99 at a moderate load,
+one user's p50 against batch-1, where a lone request's time goes, answer bytes. See docs/performance.md."""
 import argparse
 import json
-import os
 import platform
 import re
 import statistics
@@ -29,18 +15,24 @@ from pathlib import Path
 import requests
 import torch
 
-from benchmarks.inprocess import synthetic_bundle
 from loadtests.photos import load_photos
-from loadtests.run import get_args as loadtest_args, run_locust
+from loadtests.run import get_args as loadtest_args
+from loadtests.run import run_locust
 from serving.build_archive import main as build_archive
-from serving.torchserve import TorchServe, free_port
+from serving.torchserve import ROOT, TorchServe, free_port
+from tests.harness import synthetic_bundle
+from visual_search.cli import HelpFormatter
+
+USAGE = """examples:
+  python -m benchmarks.benchmark --image-size 225 --batch-size 4 --max-batch-delay 5 --workers 1 \
+      --users 1,2,4,8,16 --step-time 60s --out results/benchmark
+"""
 
 MODEL = "bench-search"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--image-size", type=int, default=225, help="model input; small values make a quick run")
     p.add_argument("--catalogue-size", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=4)
@@ -54,7 +46,6 @@ def get_args(argv=None):
     p.add_argument("--moderate-fraction", type=float, default=0.5, help="of the saturated rate")
     p.add_argument("--out", default="results/benchmark")
     p.add_argument("--probe-requests", type=int, default=30, help="sequential requests of the lone-request breakdown")
-    p.add_argument("--code", default=str(ROOT), help="checkout whose handler and visual_search package are measured")
     p.add_argument("--skip-served", action="store_true", help="measure (a) only (no Java or TorchServe needed)")
     return p.parse_args(argv)
 
@@ -67,24 +58,11 @@ def machine():
 
 
 def build(args, tmp, photos):
-    code = Path(args.code).resolve()
     bundle = tmp / "bundle"
-    if code == ROOT:
-        synthetic_bundle(bundle, args.image_size, photos[:16], catalogue_size=args.catalogue_size)
-    else:  # the other checkout's own bundle format, from the same synthetic photos
-        make = (f"from benchmarks.inprocess import synthetic_bundle\nfrom loadtests.photos import load_photos\n"
-                f"synthetic_bundle({str(bundle)!r}, {args.image_size}, load_photos(count=32)[:16], "
-                f"catalogue_size={args.catalogue_size})")
-        subprocess.run([sys.executable, "-c", make], cwd=code, env={**os.environ, "PYTHONPATH": str(code)},
-                       check=True)
-    options = ["--bundle", str(bundle), "--name", MODEL, "--model-store", str(tmp / "store"), "--batch-size",
-               str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay), "--workers", str(args.workers),
-               *args.runtime]
-    if code == ROOT:
-        build_archive(options)
-    else:  # the other checkout's own packer, handler and package
-        env = {**os.environ, "PYTHONPATH": str(code)}
-        subprocess.run([sys.executable, "-m", "serving.build_archive", *options], cwd=code, env=env, check=True)
+    synthetic_bundle(bundle, args.image_size, photos[:16], catalogue_size=args.catalogue_size)
+    build_archive(["--bundle", str(bundle), "--name", MODEL, "--model-store", str(tmp / "store"), "--batch-size",
+                   str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay), "--workers",
+                   str(args.workers), *args.runtime])
     return tmp / "store" / f"{MODEL}.mar"
 
 
@@ -183,7 +161,6 @@ def plot(result, path):
 
 def report(result):
     a = result["inprocess"]
-    print(f"code: {result['settings']['code']}")
     print(f"(a) in-process, batch {result['settings']['batch_size']}: {a['images_per_s']:.2f} images/s; "
           f"batch 1: {a['batch1_ms']:.1f} ms ({a['device']}); answers {a['answer_bytes']['similar']} B similar, "
           f"{a['answer_bytes']['embedding']} B embedding")
@@ -217,7 +194,6 @@ def main(argv=None):
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         archive = build(args, Path(tmp), photos)
-        args.code = str(Path(args.code).resolve())
         result = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "out"},
                   "inprocess": measure_inprocess(args, archive, Path(tmp))}
         if not args.skip_served:

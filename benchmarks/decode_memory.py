@@ -1,12 +1,7 @@
-"""Peak memory of the handler's decode path for one batch of large, highly compressible JPEGs.
+"""Peak memory of the handler's decode path for one batch of large, highly compressible JPEGs (a smooth 4000x3000
+JPEG is about 100 KB, and 36 MB once decoded): Runtime.prepare in a child process whose peak RSS is measured.
 
     python -m benchmarks.decode_memory                          # 64 JPEGs of 4000x3000 at 225x225 input
-    python -m benchmarks.decode_memory --code /tmp/baseline      # the same, against another checkout's code
-
-A small upload can hold a huge picture: a smooth 4000x3000 JPEG is about 100 KB, and 36 MB once decoded. The
-batch goes through Runtime.prepare (parse, decode, transform, stack), in a child process whose peak RSS
-(VmHWM, reset after set-up) is measured. --code runs another checkout's visual_search package (e.g. one
-extracted with `git archive <commit> | tar -x -C /tmp/baseline`) through this same script.
 """
 import argparse
 import io
@@ -18,15 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from serving.torchserve import ROOT
+from visual_search.cli import HelpFormatter
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--images", type=int, default=64, help="requests in the batch")
     p.add_argument("--photo-size", default="4000x3000", help="WxH of each JPEG (at most 40 megapixels)")
     p.add_argument("--image-size", type=int, default=225, help="the model's input side")
-    p.add_argument("--code", default=str(ROOT), help="checkout whose visual_search package is measured")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -51,26 +46,17 @@ def compressible_jpeg(width, height):
     return buffer.getvalue()
 
 
-def prepare(runtime, rows):
-    """Runtime.prepare in either signature: (rows, headers, Limits) now, (rows, headers, default_k, max_k) before."""
-    try:
-        from visual_search.service_io import Limits  # noqa: PLC0415
-    except ImportError:
-        return runtime.prepare(rows, [{}] * len(rows), 4, 100)
-    return runtime.prepare(rows, [{}] * len(rows), Limits(4, 100))
-
-
 def child(args):
-    sys.path.insert(0, str(Path(args.code).resolve()))
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    import visual_search  # noqa: PLC0415
-    from visual_search import bundle as bundles  # noqa: PLC0415
-    from visual_search.catalogue import Item  # noqa: PLC0415
-    from visual_search.index import l2_normalize  # noqa: PLC0415
+    from training.publish import publish_bundle  # noqa: PLC0415
+    from visual_search.bundle import load_bundle  # noqa: PLC0415
+    from visual_search.catalogue.vectors import l2_normalize  # noqa: PLC0415
+    from visual_search.items import Item  # noqa: PLC0415
     from visual_search.model import ProductNet  # noqa: PLC0415
     from visual_search.preprocessing import PreprocessSettings  # noqa: PLC0415
+    from visual_search.request import Limits  # noqa: PLC0415
     from visual_search.runtime import Runtime  # noqa: PLC0415
 
     torch.set_num_threads(1)
@@ -81,22 +67,19 @@ def child(args):
         common = {"model": ProductNet(3), "categories": ["a", "b", "c"], "normalize": True,
                   "preprocess": PreprocessSettings(image_size=args.image_size),
                   "items": [Item(f"i{n}", c, f"{c}/i{n}.jpg") for n, c in enumerate("abc")]}
-        if hasattr(bundles, "publish_bundle"):  # a catalogue folder (this code)
-            bundles.publish_bundle(tmp, embeddings=vectors, progress=False, **common)
-        else:  # the bundle format before catalogue folders (--code of an older checkout)
-            from visual_search.index import build_index  # noqa: PLC0415 (that checkout's)
-            bundles.write_bundle(tmp, index=build_index(vectors), index_factory="Flat", **common)
-        runtime = Runtime(bundles.load_bundle(tmp), "cpu")
+        publish_bundle(tmp, embeddings=vectors, progress=False, **common)
+        runtime = Runtime(load_bundle(tmp), "cpu")
     rows = [{"body": jpeg} for _ in range(args.images)]
-    prepare(runtime, rows[:1])  # warm the code paths once
+    runtime.prepare(rows[:1], [{}], Limits(4, 100))  # warm the code paths once
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = status_kib("VmRSS")
     start = time.perf_counter()
-    queries, errors, batch = prepare(runtime, rows)
+    prepared = runtime.prepare(rows, [{}] * len(rows), Limits(4, 100))
     seconds = time.perf_counter() - start
-    assert not any(errors) and tuple(batch.shape) == (args.images, 3, args.image_size, args.image_size), errors
+    assert not any(prepared.errors), prepared.errors
+    assert tuple(prepared.batch.shape) == (args.images, 3, args.image_size, args.image_size)
     peak = status_kib("VmHWM")
-    print(json.dumps({"code": str(Path(visual_search.__file__).parent.parent), "images": args.images,
+    print(json.dumps({"images": args.images,
                       "photo": f"{width}x{height}", "jpeg_bytes": len(jpeg), "image_size": args.image_size,
                       "rss_before_mib": round(before / 1024, 1), "peak_rss_mib": round(peak / 1024, 1),
                       "batch_peak_mib": round((peak - before) / 1024, 1), "prepare_s": round(seconds, 2)}))
@@ -107,12 +90,12 @@ def main(argv=None):
     if args.child:
         return child(args)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", *(argv if argv is not None else sys.argv[1:])]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         sys.exit(f"error: the measurement failed:\n{result.stderr[-3000:]}")
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"{figures['images']} JPEGs of {figures['photo']} ({figures['jpeg_bytes'] / 1e3:.0f} KB each) at "
-          f"{figures['image_size']}x{figures['image_size']}, code from {figures['code']}:\n"
+          f"{figures['image_size']}x{figures['image_size']}:\n"
           f"  peak RSS {figures['peak_rss_mib']:.0f} MiB, {figures['batch_peak_mib']:.0f} MiB above the "
           f"{figures['rss_before_mib']:.0f} MiB before the batch; prepare took {figures['prepare_s']:.2f} s")
     return figures

@@ -1,11 +1,5 @@
-"""The device check: one run on the lent H200 (or, with --dry-run, a tiny CPU run that proves the script works).
-
-    python -m benchmarks.device_bench                # H200: (a) at batch 64 and 256, three settings; (b) if it can
-    python -m benchmarks.device_bench --dry-run      # here: 32 px, batches 2 and 4, one second each, CPU
-
-(a) is the handler's own path on batches of 640x480 JPEG bodies, decoding included; (b) is TorchServe under Locust
-(skipped, with the reason, where Java, torchserve or locust is missing). Prints one table; --out writes JSON.
-"""
+"""The device check: one run on the lent GPU, (a) the handler's own path at batch 64 and 256 in three settings and
+(b) TorchServe under Locust where it can; --dry-run proves the script on the CPU in seconds."""
 import argparse
 import importlib.util
 import json
@@ -18,8 +12,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.inprocess import load_handler, synthetic_bundle, throughput
 from loadtests.photos import load_photos
+from tests.harness import load_handler, synthetic_bundle, throughput
+from visual_search.cli import HelpFormatter
+
+USAGE = """examples:
+  python -m benchmarks.device_bench
+  python -m benchmarks.device_bench --dry-run
+"""
 
 SETTINGS = {"fp32": [], "fp16+cl+gpu-decode": ["--precision", "fp16", "--channels-last", "--gpu-decode"],
             "bf16+cl+gpu-decode": ["--precision", "bf16", "--channels-last", "--gpu-decode"],
@@ -27,7 +27,7 @@ SETTINGS = {"fp32": [], "fp16+cl+gpu-decode": ["--precision", "fp16", "--channel
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--batches", default="64,256")
     p.add_argument("--seconds", type=float, default=8, help="per measurement")
@@ -71,7 +71,7 @@ def main(argv=None):
                     load_s = time.perf_counter() - started
                     rate = throughput(handler, photos, batch, ["similar"], seconds)
                     rows.append({"part": "a", "settings": name, "batch": batch, "images_per_s": rate,
-                                 "load_s": load_s, "applied": handler.runtime.settings.to_dict()})
+                                 "load_s": load_s, "applied": handler.service.runtime.settings.to_dict()})
                     del handler
                 except Exception as error:  # one failed setting must not lose the others' figures
                     traceback.print_exc()

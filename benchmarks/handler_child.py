@@ -1,22 +1,22 @@
-"""(a) of the benchmark, in a process of its own: an archive's handler run from the unpacked archive, with the
-archive's own visual_search package first on sys.path (as TorchServe's worker has it), whatever checkout built it.
-
-    python -m benchmarks.handler_child --archive store/bench.mar --work-dir /tmp/x --batch-size 4 --seconds 20
-
-Prints one JSON line: images/s at --batch-size over the mix, the median batch-1 time, and the bytes of a similar-items
-and an embedding answer as the worker would send them.
-"""
+"""(a) of the benchmark in a process of its own: an archive's handler run from the unpacked archive; prints one JSON
+line (images/s over the mix, the median batch-1 time, the bytes of each kind of answer)."""
 import argparse
 import json
 import sys
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from serving.torchserve import ROOT
+from visual_search.cli import HelpFormatter
+
+USAGE = """examples:
+  python -m benchmarks.handler_child --archive store/bench.mar --work-dir /tmp/x --batch-size 4 --seconds 20
+"""
+
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--archive", required=True)
     p.add_argument("--work-dir", required=True)
     p.add_argument("--batch-size", type=int, default=4)
@@ -32,13 +32,12 @@ def main(argv=None):
     model_dir = Path(args.work_dir) / "model_dir"
     with zipfile.ZipFile(args.archive) as mar:
         mar.extractall(model_dir)
-    sys.path.insert(0, str(model_dir))  # before anything imports visual_search: the archive's copy wins
+    sys.path.insert(0, str(model_dir))  # as TorchServe's worker has it: the archive's copy of visual_search first
     sys.path.insert(1, str(ROOT))
-    from benchmarks.inprocess import handle_raw, load_handler, single_latency_ms, throughput  # noqa: PLC0415
+    import visual_search  # noqa: PLC0415
     from loadtests.mix import parse_mix, schedule  # noqa: PLC0415
     from loadtests.photos import load_photos  # noqa: PLC0415
-
-    import visual_search  # noqa: PLC0415
+    from tests.harness import handle_raw, load_handler, single_latency_ms, throughput  # noqa: PLC0415
     assert Path(visual_search.__file__).is_relative_to(model_dir), visual_search.__file__
     photos = load_photos(count=args.photo_count)
     handler = load_handler(args.archive, args.work_dir, args.batch_size, args.device)

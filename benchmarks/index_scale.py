@@ -1,21 +1,6 @@
-"""Index profiles at catalogue scale: build time, bytes per item, recall@10, queries/s, filtered queries,
-precision@4 on real embeddings, and a table on paper for 10M and 100M items.
-
-    python -m benchmarks.index_scale                       # 100k and 1M items, every profile
-    python -m benchmarks.index_scale --sizes 100000 --threads 2
-
-For each size it derives a synthetic catalogue from the real embeddings of the Fashion-MNIST photos
-(benchmarks.synthetic_catalogue: neighbour interpolation), computes exact top-10 answers by chunked matrix products
-over the vectors on disk, builds a catalogue folder per profile ("exact" is Flat) and measures each one in a fresh
-process (benchmarks.index_scale_worker): build seconds and peak RSS, bytes per item on disk and in RAM (anonymous
-and file-backed, and PSS with two processes on one catalogue), recall@10 against exact search, queries/s one at a
-time and in batches of 64, the same under a category filter (a category that holds 10% of the items), and an
-nprobe sweep for the recall-against-QPS plot. It also times an update that adds 1% of the items and removes 0.1%,
-against the full build of the same profile. On the real 70,000 embeddings it reports recall@10 and precision@4 by category for every profile.
-
-Queries/s depend on the machine and on what else runs on it: compare them as ratios against Flat, measured in
-the same run. Writes <out>/results.json, <out>/table.md and <out>/recall_vs_qps.png.
-"""
+"""Index profiles at catalogue scale, each measured in a fresh process: build time and memory, bytes per item,
+recall@10 against exact search, queries/s single and batched, filtered, an nprobe sweep, an update against a full
+build, and precision@4 on the real embeddings. Compare queries/s as ratios against Flat (docs/large-catalogues.md)."""
 import argparse
 import json
 import os
@@ -30,8 +15,14 @@ import numpy as np
 from benchmarks import synthetic_catalogue as synthetic
 from benchmarks.index_scale_report import write_report
 from benchmarks.real_embeddings import embed
-from visual_search.catalogue import read_csv, write_csv
-from visual_search.vector_store import RowReader
+from visual_search.catalogue.vectors import RowReader
+from visual_search.cli import HelpFormatter
+from visual_search.items import read_csv, write_csv
+
+USAGE = """examples:
+  python -m benchmarks.index_scale                       # 100k and 1M items, every profile
+  python -m benchmarks.index_scale --sizes 100000 --threads 2
+"""
 
 PROFILES = ("exact", "accurate", "compact")
 FILTER_CATEGORY = "coat"  # 10% of Fashion-MNIST, so 10% of every catalogue derived from it
@@ -39,7 +30,7 @@ SWEEP = (2, 4, 8, 16, 32, 64)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=PROFILES)
     p.add_argument("--out", default="results/index_scale")

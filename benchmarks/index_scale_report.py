@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from visual_search.index import EMBEDDING_DIM, ivf_lists, plan_index
+from visual_search.catalogue.index import EMBEDDING_DIM, ivf_lists, plan_index
+from visual_search.cli import HelpFormatter
 
 MB = 1 << 20
 
@@ -57,7 +58,7 @@ def speed_table(results):
     for size in results["sizes"]:
         flat = size["profiles"].get("exact")
         for name, e in size["profiles"].items():
-            def ratio(key):
+            def ratio(key, e=e, flat=flat, name=name):
                 return f" ({e[key] / flat[key]:,.0f}x)" if flat is not None and name != "exact" else ""
             lines.append(
                 f"| {size['size']:,} | {name} | {e['recall_at_10']:.3f} | {e['qps_single']:,.1f}{ratio('qps_single')} "
@@ -128,7 +129,8 @@ def plot(results, path):
             if e["sweep"]:
                 xs = [s["qps_single"] for s in e["sweep"]]
                 ys = [s["recall_at_10"] for s in e["sweep"]]
-                ax.plot(xs, ys, marker="o", label=f"{label} (nprobe {e['sweep'][0]['nprobe']}..{e['sweep'][-1]['nprobe']})")
+                probes = f"nprobe {e['sweep'][0]['nprobe']}..{e['sweep'][-1]['nprobe']}"
+                ax.plot(xs, ys, marker="o", label=f"{label} ({probes})")
                 for s in e["sweep"]:
                     ax.annotate(str(s["nprobe"]), (s["qps_single"], s["recall_at_10"]), fontsize=7)
             ax.scatter([e["qps_single"]], [e["recall_at_10"]], marker="*", s=120, zorder=3,
@@ -167,7 +169,7 @@ def write_report(results, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("folder", nargs="?", default="results/index_scale")
     args = p.parse_args(argv)
     write_report(json.loads((Path(args.folder) / "results.json").read_text()), args.folder)

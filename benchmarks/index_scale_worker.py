@@ -1,12 +1,5 @@
-"""One measured step of benchmarks.index_scale, run in its own process so that its time and memory are its own.
-
-    build publish|reindex|update ...   writes a catalogue folder; reports seconds and peak RSS
-    search --catalogue DIR ...         times queries (one at a time, in batches, filtered), reports answers + memory
-    hold --catalogue DIR ...           opens a catalogue, runs the queries, then waits (for PSS across processes)
-    precision --catalogue DIR ...      precision@4 by category and top-10 lists, each item searched by its vector
-
-Each command prints one JSON object on its last line.
-"""
+"""One measured step of benchmarks.index_scale in its own process, so that its time and memory are its own: build,
+search, hold (for PSS across processes) or precision; each prints one JSON object on its last line."""
 import argparse
 import json
 import sys
@@ -16,9 +9,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from visual_search.catalogue import read_csv
-from visual_search.catalogue_build import publish_catalogue, reindex_catalogue, update_catalogue
-from visual_search.catalogue_store import open_catalogue
+from visual_search.catalogue.build import publish_catalogue, reindex_catalogue, update_catalogue
+from visual_search.catalogue.store import open_catalogue
+from visual_search.cli import HelpFormatter
+from visual_search.items import read_csv
 
 
 def memory():
@@ -42,7 +36,7 @@ def peak_rss():
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="FAISS threads")
     sub = p.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build")

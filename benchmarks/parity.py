@@ -1,12 +1,5 @@
-"""Does the fast path find the same neighbours as fp32? Top-k agreement over held-out queries.
-
-    python -m benchmarks.parity --device cuda --precision fp16 --channels-last --compile --gpu-decode
-    python -m benchmarks.parity --device cpu --precision bf16 --image-size 64 --queries 100    # quick, on a CPU
-
-A query agrees when the fast path's top-k ids are the same set as fp32's (the same full path: decode,
-preprocess, model, search). Without --bundle, a synthetic bundle is built: a seeded ResNet-50 with calibrated
-batch norm, whose catalogue holds the embeddings of --catalogue synthetic product photos; queries are other photos.
-"""
+"""Does a runtime setting find the same neighbours as fp32? Top-k agreement of the whole path (decode, preprocess,
+model, search) over held-out queries, on a trained bundle or a synthetic one."""
 import argparse
 import json
 import sys
@@ -15,24 +8,30 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.inprocess import synthetic_bundle
 from loadtests.photos import load_photos, product_jpeg
+from tests.harness import synthetic_bundle
 from visual_search.bundle import load_bundle
+from visual_search.cli import HelpFormatter
+from visual_search.request import Limits
 from visual_search.runtime import PRECISIONS, Runtime, RuntimeSettings
-from visual_search.service_io import Limits
 
+USAGE = """examples:
+  python -m benchmarks.parity --device cuda --precision fp16 --channels-last --compile --gpu-decode
+  python -m benchmarks.parity --device cpu --precision bf16 --image-size 64 --queries 100
+"""
 
 def run_path(bundle_dir, settings, device, queries, k, batch_size=64):
     """(embeddings [N, 2048], top-k ids [N, k]) of `queries` (image bytes) through a Runtime."""
-    runtime = Runtime(load_bundle(bundle_dir), device, settings, warmup_batch=min(batch_size, len(queries)))
+    bundle = load_bundle(bundle_dir)
+    runtime = Runtime(bundle, device, settings, warmup_batch=min(batch_size, len(queries)))
     embeddings = []
     for start in range(0, len(queries), batch_size):
         rows = [{"body": body} for body in queries[start:start + batch_size]]
-        _, errors, batch = runtime.prepare(rows, [{}] * len(rows), Limits(k, k))
-        assert not any(errors), errors
-        embeddings.append(runtime.embed(batch)[0])
+        prepared = runtime.prepare(rows, [{}] * len(rows), Limits(k, k))
+        assert not any(prepared.errors), prepared.errors
+        embeddings.append(runtime.embed(prepared.batch)[0])
     embeddings = np.concatenate(embeddings)
-    return embeddings, top_ids(runtime.catalogue, embeddings, k)
+    return embeddings, top_ids(bundle.catalogue, embeddings, k)
 
 
 def top_ids(catalogue, embeddings, k):
@@ -51,7 +50,7 @@ def agreement(bundle_dir, queries, settings, device, k=4):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--bundle", help="a real bundle; --queries-dir then names held-out photos")
     p.add_argument("--queries-dir", help="held-out images for --bundle")
     p.add_argument("--device", default="cuda")

@@ -1,28 +1,28 @@
-"""How much do fp16 and bf16 move the neighbours? The model cast to each precision on the CPU, against fp32.
-
-    python -m benchmarks.precision_parity --bundle runs/demo/bundle --queries runs/demo/val.csv \
-        --data-dir data/fashion-mnist/images --count 1000
-
-The precision alone, without the rest of the fast path, on a trained bundle and its held-out photos; it needs no
-GPU. benchmarks.parity measures the whole fast path on the device it runs on.
-"""
+"""How much do fp16 and bf16 move the neighbours? The model cast to each precision on the CPU, against fp32, on a
+trained bundle and its held-out photos."""
 import argparse
 
 import numpy as np
 import torch
 
 from benchmarks.parity import top_ids
+from training.dataset import ItemDataset
 from visual_search.bundle import load_bundle
-from visual_search.catalogue import read_csv
-from visual_search.dataset import ItemDataset
-from visual_search.index import l2_normalize
+from visual_search.catalogue.vectors import l2_normalize
+from visual_search.cli import HelpFormatter
+from visual_search.items import read_csv
 from visual_search.preprocessing import eval_transform
+
+USAGE = """examples:
+  python -m benchmarks.precision_parity --bundle runs/demo/bundle --queries runs/demo/val.csv \
+      --data-dir data/fashion-mnist/images --count 1000
+"""
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--bundle", required=True)
     p.add_argument("--queries", required=True, help="CSV of held-out images")
     p.add_argument("--data-dir", required=True)

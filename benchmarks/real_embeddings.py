@@ -1,11 +1,5 @@
-"""Unit-length embeddings of every Fashion-MNIST photo, made with a trained bundle's model, cached on disk.
-
-    python -m benchmarks.real_embeddings --bundle runs/demo/bundle --images data/fashion-mnist/images \
-        --out results/index_scale/real
-
-Writes embeddings.npy (float32 [N, 2048], rows in items.csv order, written batch by batch), items.csv and
-meta.json (the weights' sha256, so a new model is embedded again; the same one is reused).
-"""
+"""Unit-length embeddings of every Fashion-MNIST photo with a trained bundle's model, cached on disk (embeddings.npy,
+items.csv, and meta.json with the weights' sha256, so that a new model is embedded again)."""
 import argparse
 import json
 import sys
@@ -16,19 +10,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from visual_search.bundle import MANIFEST_FILE, MODEL_FILE, sha256
-from visual_search.catalogue import read_csv, scan_folder, write_csv
-from visual_search.dataset import ItemDataset, make_loader
-from visual_search.index import l2_normalize
+from training.dataset import ItemDataset, make_loader
+from visual_search.bundle import MANIFEST_FILE, MODEL_FILE
+from visual_search.catalogue.vectors import SegmentWriter, l2_normalize
+from visual_search.cli import HelpFormatter
+from visual_search.fileio import sha256_file
+from visual_search.items import read_csv, scan_folder, write_csv
 from visual_search.model import ProductNet
 from visual_search.preprocessing import PreprocessSettings, eval_transform
-from visual_search.vector_store import SegmentWriter
 
 EMBEDDINGS, ITEMS, META = "embeddings.npy", "items.csv", "meta.json"
 
 
+USAGE = """examples:
+  python -m benchmarks.real_embeddings --bundle runs/demo/bundle --images data/fashion-mnist/images \
+      --out results/index_scale/real
+"""
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--bundle", default="runs/demo/bundle", help="bundle with model.pt and manifest.json")
     p.add_argument("--images", default="data/fashion-mnist/images", help="folder of <category>/<image> files")
     p.add_argument("--out", default="results/index_scale/real")
@@ -55,7 +55,7 @@ def cached(out, weights_sha):
 def embed(bundle, images, out, batch_size=256, workers=1, threads=2):
     """(embeddings path, items), embedding only when the cache does not hold this model's vectors."""
     bundle, images, out = Path(bundle), Path(images), Path(out)
-    weights_sha = sha256(bundle / MODEL_FILE)
+    weights_sha = sha256_file(bundle / MODEL_FILE)
     hit = cached(out, weights_sha)
     if hit:
         return hit

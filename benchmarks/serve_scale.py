@@ -1,25 +1,6 @@
-"""A catalogue folder served from outside the archive by a real TorchServe: worker load time, worker memory (RSS and
-PSS), query latency.
-
-    python -m benchmarks.serve_scale --catalogue results/index_scale/n1000000/catalogue-accurate
-    python -m benchmarks.serve_scale --catalogue catalogues/shop-v3 --workers 2 --queries 50 --out results/x.json
-
-It writes a bundle that names the folder (a calibrated tiny model: the point is the index, not the model), packs it
-with --catalogue-dir (the catalogue stays where it is, nothing is copied) and registers it, with N workers, on a
-TorchServe of its own (free loopback ports, its own state folder). Then:
-
-- load time per worker: from the register call to the worker seen READY by the management API, and from the log:
-  the worker's load request to the handler's own "loaded ..." line (imports, model, catalogue open and warm-up);
-- memory per worker process (the frontend java process's children), from /proc/PID/smaps_rollup: RSS, PSS and
-  their anonymous and file-backed parts, and from /proc/PID/smaps the RSS and PSS of the catalogue's mapped files,
-  after the load and again after the queries and --touch more searches. N workers that share the memory-mapped
-  index each show about 1/N of it as PSS;
-- latency of sequential requests, one at a time (batch size 1): a photo (decode, model, search), a listing id
-  (the stored vector: the search alone), and a photo under a category filter.
-
-The page cache is not dropped: a first run on a cold catalogue loads slower than the next. Prints a table and
-writes JSON (--out).
-"""
+"""A catalogue folder served from outside the archive by a real TorchServe: worker load time, memory per worker (RSS
+and PSS, and of the mapped catalogue files) and the latency of a photo, a listing and a filtered search, one at a
+time. See docs/large-catalogues.md."""
 import argparse
 import json
 import os
@@ -37,22 +18,30 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from benchmarks.inprocess import CATEGORIES, calibrated_model
 from loadtests.photos import load_photos
 from serving.build_archive import main as build_archive
-from serving.management import ManagementClient, ManagementError
+from serving.management_client import ManagementClient, ManagementError
 from serving.torchserve import ADDRESS_KEYS, TorchServe, TorchServeError, free_port
-from visual_search.bundle import write_bundle
-from visual_search.catalogue_files import INDEX_FILE, ITEMS_FILE, CatalogueError, read_manifest
-from visual_search.item_store import ItemStore
+from tests.harness import CATEGORIES, calibrated_model
+from training.publish import write_bundle
+from visual_search.catalogue.items_db import ItemStore
+from visual_search.catalogue.manifest import INDEX_FILE, ITEMS_FILE, read_manifest
+from visual_search.cli import HelpFormatter
+from visual_search.errors import CatalogueError
+from visual_search.fileio import utc_now
 from visual_search.preprocessing import PreprocessSettings
+
+USAGE = """examples:
+  python -m benchmarks.serve_scale --catalogue results/index_scale/n1000000/catalogue-accurate
+  python -m benchmarks.serve_scale --catalogue catalogues/shop-v3 --workers 2 --queries 50 --out results/x.json
+"""
 
 MODEL = "serve-scale"
 LOG_LINE = re.compile(r"^(\S+) \[\w+\s*\] (W-\d+-[^ ]+?)-stdout MODEL_LOG - (.*)$")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--catalogue", required=True, help="a published catalogue folder (visual_search.catalogue_cli)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--queries", type=int, default=30, help="timed requests of each kind")
@@ -261,7 +250,8 @@ def print_table(result):
               f"{load['pss_mb']:,.0f} | {after['rss_mb']:,.0f} | {after['pss_mb']:,.0f} | "
               f"{after['pss_anon_mb']:,.0f} / {after['pss_file_mb']:,.0f} | "
               f"{index['rss_mb']:,.0f} / {index['pss_mb']:,.0f} |")
-    print(f"\nsum over the workers after queries: RSS {result['rss_sum_mb']:,.0f} MB, PSS {result['pss_sum_mb']:,.0f} MB")
+    print(f"\nsum over the workers after queries: RSS {result['rss_sum_mb']:,.0f} MB, "
+          f"PSS {result['pss_sum_mb']:,.0f} MB")
     print("\n| request (one at a time) | median ms | p90 ms | mean ms |\n|---|---|---|---|")
     for kind, figures in result["latency"].items():
         print(f"| {kind} | {figures['median_ms']} | {figures['p90_ms']} | {figures['mean_ms']} |")
@@ -292,10 +282,11 @@ def measure(folder, manifest, work, args):
                            "memory_after_load": after_load[pid], "memory_after_queries": after_queries[pid]})
     return {"catalogue": str(folder), "items": manifest["count"], "factory": manifest["factory"],
             "search": manifest["search"], "index_mb": round(manifest["files"][INDEX_FILE]["bytes"] / 2 ** 20, 1),
-            "workers": args.workers, "k": args.k, "touch_requests": args.touch, "filter_category": category, "per_worker": per_worker,
+            "workers": args.workers, "k": args.k, "touch_requests": args.touch, "filter_category": category,
+            "per_worker": per_worker,
             "latency": latency, "pss_sum_mb": round(sum(w["memory_after_queries"]["pss_mb"] for w in per_worker), 1),
             "rss_sum_mb": round(sum(w["memory_after_queries"]["rss_mb"] for w in per_worker), 1),
-            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "measured": utc_now()}
 
 
 def main(argv=None):

@@ -1,16 +1,6 @@
-"""Synthetic catalogues of any size derived from real embeddings ("neighbour interpolation").
-
-Each synthetic row starts from a random real embedding r_i and one of its 10 nearest real neighbours r_j:
-
-    x = normalize(r_i + t * (r_j - r_i) + e),   t ~ U(0, 1),   e ~ N(0, s^2 * C_256)
-
-C_256 is the covariance of the real embeddings restricted to their top 256 principal components (95% of the
-variance), and s scales e to half the median distance between a real embedding and its nearest neighbour. Rows so
-fill the space between real neighbours, with noise shaped like the real spread: not tight clusters of copies (that
-flatters IVF), not full-rank noise (that ruins every compressed code). The category of a row is r_i's.
-
-Rows are written chunk by chunk to an .npy file; memory stays at a few chunks plus the real embeddings.
-"""
+"""Synthetic catalogues of any size from real embeddings, by neighbour interpolation: each row lies between a real
+embedding and one of its neighbours, plus noise shaped like the real spread (docs/large-catalogues.md says why),
+written chunk by chunk."""
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +8,8 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from visual_search.catalogue import Item
-from visual_search.index import l2_normalize
-from visual_search.vector_store import SegmentWriter
+from visual_search.catalogue.vectors import SegmentWriter, l2_normalize
+from visual_search.items import Item
 
 PCA_DIMS, NEIGHBOURS, NOISE_OF_NN = 256, 10, 0.5
 

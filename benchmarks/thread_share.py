@@ -1,12 +1,6 @@
-"""Threads per worker after `scale`: fixed at the archive's count against shared among the live workers, one run.
-
-    python -m benchmarks.thread_share --image-size 225 --users 4,8 --step-time 40s --out results/thread_share
-
-Each archive starts with 1 worker and is scaled to 2 through the management API, as `serving.manage scale`
-does. "fixed" is built with --threads <all cores>, what a worker took when threads came from the archive's worker
-count; "shared" lets each worker take its share of the CPUs, looked up again as workers come and go. Locust then
-runs each user count against both; req/s and p95 are printed side by side, with the ratio shared / fixed.
-"""
+"""Threads per worker after `scale --workers 2`, one run: "fixed" (--threads <all cores>, as when threads came from
+the archive's worker count) against "shared" (each worker its share of the live workers' CPUs); Locust req/s and p95
+side by side."""
 import argparse
 import json
 import os
@@ -19,10 +13,14 @@ import requests
 from benchmarks.benchmark import MODEL, build, locust_step
 from loadtests.photos import load_photos
 from serving.torchserve import TorchServe, free_port
+from visual_search.cli import HelpFormatter
 
+USAGE = """examples:
+  python -m benchmarks.thread_share --image-size 225 --users 4,8 --step-time 40s --out results/thread_share
+"""
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--image-size", type=int, default=225)
     p.add_argument("--catalogue-size", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=4)

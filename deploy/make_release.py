@@ -1,26 +1,9 @@
-"""Lay out one release for Kubernetes: the folder that KServe's TorchServe runtime and deploy/kubernetes/ serve.
-
-    python -m deploy.make_release --out /mnt/models-rw/visual-search/release-2 \\
-        model_store/visual-search-v2.mar model_store/visual-search-v1.mar --default visual-search=2.0
-
-writes
-    <out>/model-store/<archive>.mar           a copy of each archive given (with --threads, a copy whose
-                                              model-config.yaml sets handler.threads)
-    <out>/config/config.properties            deploy/storage/config/config.properties, its model_snapshot listing
-                                              every archive given, with the --default version of each model as
-                                              TorchServe's default version
-Each version gets the batch and worker settings of the template's first snapshot entry, unless --batch-size,
---max-batch-delay or --workers say otherwise. A model with one archive needs no --default. The folder must not
-exist yet: a release is never changed once pods serve it; the next one is a new folder. It is written under a
-temporary name beside it, every file fsync'd, and renamed into place at the end: a failed run leaves nothing.
-Then point the Deployment's subPath, or the InferenceService's storageUri, at the new folder (docs/deploy.md).
-"""
+"""Lay out one release for Kubernetes: <out>/model-store/ with a copy of each archive (with --threads, one whose
+model-config.yaml sets handler.threads) and <out>/config/config.properties listing them, --default versions as
+TorchServe's defaults. Written under a temporary name, fsynced and renamed: a release is never changed."""
 import argparse
-import ctypes
-import errno
 import json
 import os
-import secrets
 import shutil
 import sys
 import zipfile
@@ -29,15 +12,18 @@ from pathlib import Path
 
 import yaml
 
-from serving.management import ManagementError, archive_identity
-from serving.torchserve import read_properties
+from serving.torchserve import TorchServeError, archive_identity, read_archive, read_properties
+from visual_search import fileio
+from visual_search.cli import HelpFormatter
+
+USAGE = """examples:
+  python -m deploy.make_release --out /mnt/models-rw/visual-search/release-2 \
+      model_store/visual-search-v2.mar model_store/visual-search-v1.mar --default visual-search=2.0
+"""
 
 TEMPLATE = Path(__file__).resolve().parent / "storage" / "config" / "config.properties"
 SNAPSHOT_KEY = "model_snapshot"
 ARCHIVE_MANIFEST = "MAR-INF/MANIFEST.json"
-AT_FDCWD = -100
-RENAME_NOREPLACE = 1
-_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
 
 
 class ReleaseError(ValueError):
@@ -45,7 +31,7 @@ class ReleaseError(ValueError):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("archives", nargs="+", help=".mar files (any folder)")
     p.add_argument("--out", required=True, help="the release folder to create")
     p.add_argument("--default", action="append", default=[], metavar="NAME=VERSION",
@@ -130,11 +116,10 @@ def parse_defaults(pairs):
 def archive_config_name(path):
     """The name of the archive's model-config.yaml: MAR-INF/MANIFEST.json's model.configFile."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            name = json.loads(archive.read(ARCHIVE_MANIFEST))["model"].get("configFile")
-            present = name in archive.namelist()
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
-        raise ReleaseError(f"{path} is not a readable model archive: {error}") from None
+        archive = read_archive(path)
+    except TorchServeError as error:
+        raise ReleaseError(str(error)) from None
+    name, present = archive.config_file, bool(archive.config)
     if not name or not present:
         raise ReleaseError(f"{path} has no model-config.yaml ({ARCHIVE_MANIFEST} model.configFile), so --threads "
                            f"has nowhere to go: build it with serving.build_archive")
@@ -184,52 +169,6 @@ def copy_into(path, file):
         shutil.copyfileobj(source, file, 1 << 20)
 
 
-def sync_folder(folder):
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def rename_without_replacing(source, target):
-    """Renames `source` to `target`; FileExistsError, and nothing changed, when `target` exists. renameat2's
-    RENAME_NOREPLACE where the file system has it; else a hard link (files) or a check (folders)."""
-    if _renameat2 is not None:
-        if _renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target), RENAME_NOREPLACE) == 0:
-            return
-        code = ctypes.get_errno()
-        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(code, os.strerror(code), str(target))
-    if os.path.isdir(source):
-        if os.path.lexists(target):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
-        os.rename(source, target)
-    else:
-        os.link(source, target)
-        os.unlink(source)
-
-
-def write_file(target, write, stat_from=None):
-    """Writes `target` through a unique temporary name beside it: write(file), the mode and times of `stat_from`
-    if given, fsync, a rename that never replaces an existing file, and an fsync of the folder."""
-    target = Path(target)
-    partial = target.with_name(f".{target.name}.{secrets.token_hex(8)}.partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            if stat_from is not None:
-                shutil.copystat(stat_from, partial)
-            os.fsync(file.fileno())
-        rename_without_replacing(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    sync_folder(target.parent)
-
-
 def make_folders(folder):
     """Creates `folder` and any missing parent, each one fsync'd into its parent; returns those it created,
     deepest first."""
@@ -239,14 +178,14 @@ def make_folders(folder):
         folder = folder.parent
     for created in reversed(missing):
         created.mkdir(exist_ok=True)
-        sync_folder(created.parent)
+        fileio.fsync_dir(created.parent)
     return missing
 
 
 def write_release(out, archives, config, threads):
     """Writes the release folder `out` under a temporary name beside it and renames it into place."""
     created = make_folders(out.parent)
-    staging = out.with_name(f".{out.name}.{secrets.token_hex(8)}.partial")
+    staging = fileio.temporary_name(out)
     try:
         staging.mkdir()
         for folder in ("model-store", "config"):
@@ -254,17 +193,17 @@ def write_release(out, archives, config, threads):
         for path in archives:
             target = staging / "model-store" / path.name
             if threads is None:
-                write_file(target, lambda file, path=path: copy_into(path, file), stat_from=path)
+                fileio.write_atomically(target, lambda file, path=path: copy_into(path, file), stat_from=path)
             else:
-                write_file(target, lambda file, path=path: write_archive_with_threads(path, file, threads))
-        write_file(staging / "config" / "config.properties", lambda file: file.write(config.encode("utf-8")))
-        sync_folder(staging)
+                fileio.write_atomically(target, lambda file, path=path: write_archive_with_threads(path, file, threads))
+        fileio.write_atomically(staging / "config" / "config.properties", config)
+        fileio.fsync_dir(staging)
         try:
-            rename_without_replacing(staging, out)
+            fileio.rename_noreplace(staging, out)
         except FileExistsError:
             raise ReleaseError(f"{out} appeared while the release was written: a release folder is never "
                                f"changed; make a new one") from None
-        sync_folder(out.parent)
+        fileio.fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in created:
@@ -300,7 +239,7 @@ def main(argv=None):
     args = get_args(argv)
     try:
         snapshot = make_release(args)
-    except (ReleaseError, ManagementError, OSError, ValueError) as error:
+    except (ReleaseError, TorchServeError, OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     for name, versions in snapshot["models"].items():
         for version, entry in sorted(versions.items()):

@@ -1,21 +1,6 @@
-"""Check Kubernetes manifests offline against the published schemas, and that they leave no pod open.
-
-    python -m deploy.validate                    # every manifest in deploy/kubernetes/ and deploy/kserve/
-    python -m deploy.validate --config /mnt/models-rw/visual-search/release-2/config/config.properties
-    python -m deploy.validate deploy/kserve/inferenceservice.yaml deploy/kserve/networkpolicy.yaml
-
-Core kinds (Deployment, Service, HorizontalPodAutoscaler, PersistentVolumeClaim, NetworkPolicy, ...) go to
-kubernetes-validate, which holds the Kubernetes API's own schemas, for --kubernetes-version. KServe's
-InferenceService goes to the part of KServe's CRD schema vendored in deploy/schemas/ (its header says which part
-and from where). Both are strict: an unknown field is an error, as with `kubectl apply --validate=strict`.
-
-Then the set of manifests given is checked as a whole against the TorchServe config its pods read (--config,
-default deploy/storage/config/config.properties). Where token authorization is off there, every pod that serves
-must be closed by the manifests themselves: each InferenceService labelled cluster-local, and every serving pod
-selected by a NetworkPolicy that restricts ingress, with no rule that lets in every source, and by no NodePort
-or LoadBalancer Service. Prints one line per resource and per serving workload; exits 1 when any resource is
-invalid or any workload is open.
-"""
+"""Check the manifests offline against the published schemas (kubernetes-validate, and KServe's CRD schema vendored
+in deploy/schemas/), strictly, and that none leaves a serving pod open where token authorization is off:
+cluster-local InferenceServices, ingress NetworkPolicies that let in no one by default, no NodePort."""
 import argparse
 import sys
 from pathlib import Path
@@ -23,6 +8,13 @@ from pathlib import Path
 import jsonschema
 import kubernetes_validate
 import yaml
+
+from visual_search.cli import HelpFormatter
+
+USAGE = """examples:
+  python -m deploy.validate
+  python -m deploy.validate --config /mnt/models-rw/visual-search/release-2/config/config.properties
+"""
 
 DEPLOY = Path(__file__).resolve().parent
 MANIFEST_DIRS = (DEPLOY / "kubernetes", DEPLOY / "kserve")
@@ -223,7 +215,7 @@ def load_documents(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("files", nargs="*", help="manifests (default: deploy/kubernetes/*.yaml, deploy/kserve/*.yaml)")
     p.add_argument("--kubernetes-version", default=KUBERNETES_VERSION)
     p.add_argument("--config", default=str(RELEASE_CONFIG),

@@ -1,10 +1,5 @@
-"""Locust users that post product photos (JPEG, 640x480 by default) to /predictions/<model>.
-
-Each request asks for the similar-items answer or the embedding (X-Output), in the proportions of --mix: each user
-walks loadtests.mix.schedule from its own starting point, so a short run already holds both kinds.
-The run fails (exit code 1) when any request fails, or when the p95 latency passes --max-p95-ms.
-Run it through `python -m loadtests.run`, which reads the token and writes the reports.
-"""
+"""Locust users that post product photos to /predictions/<model>, asking for similar items or the embedding in the
+proportions of --mix; a failed request, or a p95 over --max-p95-ms, fails the run. Start it with loadtests.run."""
 import itertools
 import random
 import sys
@@ -15,7 +10,7 @@ from locust import FastHttpUser, constant, constant_throughput, events, task
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loadtests.mix import parse_mix, schedule  # noqa: E402
 from loadtests.photos import load_photos  # noqa: E402
-from serving.torchserve import TorchServe  # noqa: E402
+from serving.torchserve import DEFAULT_STATE, TorchServe  # noqa: E402
 
 PHOTOS, AUTH, SCHEDULE = [], {}, []
 USER_NUMBERS = itertools.count()
@@ -25,7 +20,7 @@ EXPECTED = {"similar": b'"neighbours"', "embedding": b'"embedding"'}  # a field 
 @events.init_command_line_parser.add_listener
 def add_options(parser):
     parser.add_argument("--model", default="visual-search", help="model name in /predictions/<model>")
-    parser.add_argument("--state-dir", default=".torchserve", help="TorchServe state folder with key_file.json")
+    parser.add_argument("--state-dir", default=str(DEFAULT_STATE), help="TorchServe state folder with key_file.json")
     parser.add_argument("--mix", default="similar=0.8,embedding=0.2", help="answer kinds and their weights")
     parser.add_argument("--top-k", type=int, default=4, help="X-Top-K of the similar-items requests")
     parser.add_argument("--photos", default="", help="folder of images to send (default: synthetic JPEGs)")

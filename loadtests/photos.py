@@ -1,4 +1,5 @@
-"""Product-photo-like JPEGs at camera sizes (640x480 by default): a lit backdrop, an object, sensor noise."""
+"""Synthetic product photos: camera-size JPEGs (a lit backdrop, objects, sensor noise) for load, and small photos
+whose shape and colour depend on their category (bags, phones, shoes) for models that must learn something."""
 import io
 from pathlib import Path
 
@@ -6,6 +7,32 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from visual_search.images import IMAGE_SUFFIXES
+
+CATEGORIES = ("bags", "phones", "shoes")
+
+
+def product_photo(category, seed, size=(64, 48), mode="RGB"):
+    """A photo-like image whose shape and colour depend on the category, with noise that depends on the seed."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(150, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(base)
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    colour = {"bags": (150, 40, 30), "phones": (20, 20, 20), "shoes": (30, 60, 160)}[category]
+    jitter = int(rng.integers(-4, 5))
+    if category == "bags":
+        draw.rectangle([w // 4 + jitter, h // 3, 3 * w // 4, 5 * h // 6], fill=colour)
+    elif category == "phones":
+        draw.rectangle([2 * w // 5, h // 8 + jitter, 3 * w // 5, 7 * h // 8], fill=colour)
+    else:
+        draw.ellipse([w // 8, h // 2 + jitter, 7 * w // 8, 7 * h // 8], fill=colour)
+    return image.convert(mode)
+
+
+def encode(image, fmt="PNG", **options):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
 
 
 def product_jpeg(seed, size=(640, 480), quality=92):
@@ -23,9 +50,7 @@ def product_jpeg(seed, size=(640, 480), quality=92):
         (draw.ellipse if rng.random() < 0.5 else draw.rounded_rectangle)(box, fill=colour)
     image = image.filter(ImageFilter.GaussianBlur(1.2))
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, size=(h, w, 3))
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
+    return encode(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), "JPEG", quality=quality)
 
 
 def load_photos(folder=None, count=32, size=(640, 480)):

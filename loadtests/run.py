@@ -1,13 +1,5 @@
-"""Run the Locust suite headless against a TorchServe and write Locust's CSV and HTML reports.
-
-    python -m loadtests.run --host http://127.0.0.1:8080 --state-dir .torchserve --model visual-search \
-        --users 8 --spawn-rate 4 --run-time 60s --mix similar=0.8,embedding=0.2 --max-p95-ms 2000
-
-Writes <name>_stats.csv (and Locust's other CSVs), <name>.html and <name>.json (the final count per request
-name, written at shutdown; the CSVs are written every second and can miss the last requests of a short run).
-Exits non-zero when any request failed or the p95 latency passed --max-p95-ms. Loopback hosts only, unless
---allow-remote.
-"""
+"""Run the Locust suite headless against a TorchServe and write its CSV, HTML and JSON reports; exits non-zero when a
+request failed or the p95 passed --max-p95-ms. Loopback hosts only, unless --allow-remote."""
 import argparse
 import csv
 import json
@@ -17,14 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving.torchserve import add_target_arguments, refuse_remote
+from loadtests.target import add_target_arguments, refuse_remote
+from serving.torchserve import ROOT
+from visual_search.cli import HelpFormatter
 
-ROOT = Path(__file__).resolve().parent.parent
+USAGE = """examples:
+  python -m loadtests.run --host http://127.0.0.1:8080 --users 8 --spawn-rate 4 --run-time 60s --max-p95-ms 2000
+"""
+
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     add_target_arguments(p)
     p.add_argument("--users", type=int, default=4)
     p.add_argument("--spawn-rate", type=float, default=2)

@@ -16,12 +16,14 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-stamp=".venv/.installed-$(cat requirements.txt requirements-serve.txt | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat requirements.txt requirements-serve.txt pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   echo "== creating .venv with the pinned stack (requirements.txt)"
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
+  # the project itself, editable, for its console scripts (pyproject.toml); its pins are requirements.txt's
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
   rm -f .venv/.installed-*; touch "$stamp"
 fi
 

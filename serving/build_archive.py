@@ -1,14 +1,6 @@
-"""Pack a search bundle, the handler and the visual_search package into model_store/<name>.mar.
-
-    python -m serving.build_archive --bundle runs/x/bundle --name visual-search --version 1.0
-    python -m serving.build_archive ... --precision fp16 --channels-last --compile --gpu-decode   # GPU fast path
-    python -m serving.build_archive ... --catalogue-dir shop-v3     # a catalogue outside, under $VISUAL_SEARCH_CATALOGUES
-
-The runtime options rewrite the "runtime" section of the archived manifest.json; the bundle is left as it is.
-A bundled catalogue (<bundle>/catalogue) travels in the archive. A catalogue outside the bundle does not: the
-archive names it (its manifest's reference), and each host must hold it at the recorded path, or at
---catalogue-dir (stored in model-config.yaml; a relative path is taken under $VISUAL_SEARCH_CATALOGUES).
-"""
+"""Pack a bundle and the handler, with the visual_search modules it imports, into <model store>/<name>.mar. The
+runtime options rewrite the archived manifest's runtime section; a bundled catalogue travels in the archive, an
+outside one is named (--catalogue-dir: where serving hosts hold it, relative to $VISUAL_SEARCH_CATALOGUES)."""
 import argparse
 import json
 import shutil
@@ -19,12 +11,17 @@ from pathlib import Path
 
 import yaml
 
-from serving.torchserve import tool
+from serving.torchserve import MODEL_STORE, ROOT, tool
 from visual_search.bundle import BUNDLE_FILES, CATALOGUE_DIR, MANIFEST_FILE, load_bundle
 from visual_search.cli import HelpFormatter
 from visual_search.runtime import PRECISIONS, RuntimeSettings
 
-ROOT = Path(__file__).resolve().parent.parent
+USAGE = """examples:
+  python -m serving.build_archive --bundle runs/x/bundle --name visual-search --version 1.0
+  python -m serving.build_archive ... --precision fp16 --channels-last --compile --gpu-decode
+  python -m serving.build_archive ... --catalogue-dir shop-v3 --threads 4
+"""
+
 HANDLER = ROOT / "handler" / "visual_search_handler.py"
 PACKAGE = ROOT / "visual_search"
 
@@ -45,18 +42,17 @@ def model_config(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--bundle", required=True, help="bundle folder written by training.build_index")
     p.add_argument("--name", default="visual-search", help="model name in TorchServe's URLs")
     p.add_argument("--version", default="1.0")
-    p.add_argument("--model-store", default=str(ROOT / "model_store"))
+    p.add_argument("--model-store", default=str(MODEL_STORE))
     p.add_argument("--out-name", default=None, help="archive file name without .mar (default: --name); the model "
                                                     "name inside the archive stays --name")
     p.add_argument("--batch-size", type=int, default=4,
-                   help="TorchServe's dynamic batch size (4 measured best on 2 CPU cores; 64-256 on a GPU)")
+                   help="TorchServe's dynamic batch size (docs/performance.md: the CPU and GPU settings)")
     p.add_argument("--max-batch-delay", type=int, default=5,
-                   help="ms to wait for a batch to fill (5 measured best on 2 CPU cores: a lone request then costs "
-                        "what the model does)")
+                   help="ms to wait for a batch to fill (docs/performance.md)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--max-workers", type=int, default=None)
     p.add_argument("--threads", type=int, default=None,
@@ -88,6 +84,27 @@ def set_runtime(manifest_path, args):
     return manifest["runtime"]
 
 
+IMPORTED_BY_HANDLER = """
+import importlib.util, json, sys
+sys.path.insert(0, sys.argv[1])
+spec = importlib.util.spec_from_file_location("visual_search_handler", sys.argv[2])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+print(json.dumps(sorted(m.__file__ for name, m in sys.modules.items()
+                        if name.split(".")[0] == "visual_search" and getattr(m, "__file__", None))))
+"""
+
+
+def handler_modules():
+    """The files of the visual_search package that importing the handler loads, found in a clean interpreter,
+    relative to the checkout: the archive ships these and nothing else of the package."""
+    result = subprocess.run([sys.executable, "-c", IMPORTED_BY_HANDLER, str(ROOT), str(HANDLER)], capture_output=True,
+                            text=True, cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(f"error: the handler does not import cleanly:\n{result.stderr[-3000:]}")
+    files = [Path(path).resolve().relative_to(ROOT) for path in json.loads(result.stdout.strip().splitlines()[-1])]
+    return sorted(files)
+
+
 def build_archive(args):
     bundle_dir = Path(args.bundle)
     bundle = load_bundle(bundle_dir, catalogue_dir=args.catalogue_dir)  # refuse to pack an inconsistent bundle
@@ -105,7 +122,9 @@ def build_archive(args):
         if bundled:
             shutil.copytree(bundle_dir / CATALOGUE_DIR, staging / CATALOGUE_DIR)
         runtime = set_runtime(staging / MANIFEST_FILE, args)
-        shutil.copytree(PACKAGE, staging / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for module in handler_modules():
+            (staging / module).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / module, staging / module)
         config = Path(tmp) / "model-config.yaml"
         config.write_text(yaml.safe_dump(model_config(args), sort_keys=False))
         command = [

@@ -1,24 +1,23 @@
 """Model versions through TorchServe's management API: list, register, set-default, rollback, scale, unregister.
-
-    python -m serving.manage list
-    python -m serving.manage register visual-search-v2.mar --set-default   # a .mar in the model store
-    python -m serving.manage set-default visual-search 2.0
-    python -m serving.manage rollback visual-search                        # back to the previous default
-    python -m serving.manage scale visual-search 2.0 --workers 2           # fewer: only off the default
-    python -m serving.manage unregister visual-search 2.0
-
-The management key comes from key_file.json in --state-dir (the folder `python -m serving.serve start` uses) or
-from --key-file; the address and the model store from that folder's config.properties. Default switches are
-recorded in <state-dir>/default_history.json for `rollback`. Every failure prints one line and exits 1.
-"""
+Keys and addresses come from the state folder (--state-dir); every failure prints one line and exits 1."""
 import argparse
 import sys
 
-from serving.management import DEFAULT_STATE, ManagementClient, ManagementError
+from serving.management_client import ManagementClient, ManagementError
+from serving.torchserve import DEFAULT_STATE
+from visual_search.cli import HelpFormatter
 
+USAGE = """examples:
+  python -m serving.manage list
+  python -m serving.manage register visual-search-v2.mar --set-default
+  python -m serving.manage set-default visual-search 2.0
+  python -m serving.manage rollback visual-search
+  python -m serving.manage scale visual-search 2.0 --workers 2
+  python -m serving.manage unregister visual-search 2.0
+"""
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--state-dir", default=str(DEFAULT_STATE), help="TorchServe's state folder (key_file.json)")
     p.add_argument("--key-file", default=None, help="TorchServe's key_file.json (default: in --state-dir)")
     p.add_argument("--management-url", default=None, help="default: management_address of the config")

@@ -1,39 +1,48 @@
-"""Serve the archives already built in model_store/ with TorchServe. Builds nothing.
-
-    python -m serving.serve start            # one archive per model in model_store/, waits until ready
-    python -m serving.serve start --models visual-search.mar     # or visual-search=visual-search-v1.mar
-    python -m serving.serve status
-    python -m serving.serve stop
-    python -m serving.serve start --foreground   # stays until TorchServe exits or SIGTERM stops it (Docker)
-
-Which version of each model starts: --models, else $VISUAL_SEARCH_MODELS (the same words, separated by spaces or
-commas), else the default that serving.manage recorded last (default_history.json in the state folder), else the
-only version in the store; with several versions and none of these, the highest, or with --require-choice (the
-container image's setting) an error.
-
-State (pid file, logs, key_file.json with the API tokens) lives in --state-dir (default .torchserve/).
-"""
+"""Serve the archives already built in the model store with TorchServe; builds nothing. The version of each model:
+--models, else $VISUAL_SEARCH_MODELS, else the default serving.manage recorded, else the only (or highest) one.
+While it runs, a small process renews the token keys before they expire."""
 import argparse
 import json
 import os
 import re
 import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from serving.management import DEFAULT_STATE, HISTORY_FILE, ManagementError, archive_identity
-from serving.torchserve import ROOT, DEFAULT_CONFIG, TorchServe, TorchServeError
+from serving.management_client import HISTORY_FILE, ManagementError
+from serving.torchserve import (
+    DEFAULT_CONFIG,
+    DEFAULT_STATE,
+    MODEL_STORE,
+    ROOT,
+    TorchServe,
+    TorchServeError,
+    archive_identity,
+)
+from visual_search.cli import HelpFormatter
+from visual_search.fileio import write_atomically
+
+USAGE = """examples:
+  python -m serving.serve start                    # one archive per model, waits until ready
+  python -m serving.serve start --models visual-search=visual-search-v1.mar
+  python -m serving.serve status
+  python -m serving.serve stop
+  python -m serving.serve start --foreground       # until TorchServe exits or SIGTERM (containers)
+"""
 
 MODELS_ENV = "VISUAL_SEARCH_MODELS"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["start", "stop", "status"])
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
+    p.add_argument("action", choices=["start", "stop", "status", "renew-keys"],
+                   help="renew-keys: renew the token keys before they expire, while TorchServe runs (start runs it)")
     p.add_argument("--models", nargs="*", default=None,
                    help=f"archives in the model store, or name=archive (default: ${MODELS_ENV}, else one per model)")
-    p.add_argument("--model-store", default=str(ROOT / "model_store"))
+    p.add_argument("--model-store", default=str(MODEL_STORE))
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--state-dir", default=str(DEFAULT_STATE))
     p.add_argument("--timeout", type=int, default=300, help="seconds to wait for the workers")
@@ -43,6 +52,48 @@ def get_args(argv=None):
                    help="a model with several versions in the store and no version chosen (--models, "
                         f"${MODELS_ENV} or a recorded default) is an error instead of serving the highest")
     return p.parse_args(argv)
+
+
+RENEWAL_PID = "key-renewal.pid"
+
+
+def renewal_pid(state_dir):
+    """The pid of the running key renewal of this state folder, or None."""
+    try:
+        pid = int((Path(state_dir) / RENEWAL_PID).read_text().strip())
+        if b"renew-keys" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def start_key_renewal(args):
+    """A detached `renew-keys` process beside TorchServe (token authorization on: a key file exists)."""
+    command = [sys.executable, "-m", "serving.serve", "renew-keys", "--state-dir", args.state_dir,
+               "--config", args.config, "--model-store", args.model_store]
+    with open(Path(args.state_dir) / "key-renewal.log", "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, cwd=ROOT)
+    write_atomically(Path(args.state_dir) / RENEWAL_PID, f"{process.pid}\n", replace=True)
+
+
+def stop_key_renewal(state_dir):
+    pid = renewal_pid(state_dir)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+    (Path(state_dir) / RENEWAL_PID).unlink(missing_ok=True)
+
+
+def renew_keys_while_running(server, stopping):
+    """Renews the inference and management keys at half their lifetime until TorchServe stops or `stopping` is set."""
+    every = server.key_lifetime_seconds() / 2
+    while not stopping.wait(every) and server.running():
+        try:
+            server.renew_keys()
+            print(f"{time.strftime('%H:%M:%S')} keys renewed", flush=True)
+        except TorchServeError as error:
+            print(f"{time.strftime('%H:%M:%S')} key renewal failed: {error}", flush=True)
 
 
 class NoVersionChosen(RuntimeError):
@@ -112,9 +163,18 @@ def main(argv=None):
             print(f"TorchServe is ready with {', '.join(models)}\n"
                   f"  inference  {server.urls['inference']}\n  management {server.urls['management']}\n"
                   f"  metrics    {server.urls['metrics']}/metrics\n  keys       {server.key_file}", flush=True)
+            if server.key_file.is_file() and not args.foreground:
+                stop_key_renewal(args.state_dir)
+                start_key_renewal(args)
             if args.foreground:
+                if server.key_file.is_file():
+                    threading.Thread(target=renew_keys_while_running, args=(server, threading.Event()),
+                                     daemon=True).start()
                 stay_in_foreground(server)
+        elif args.action == "renew-keys":
+            renew_keys_while_running(server, threading.Event())
         elif args.action == "stop":
+            stop_key_renewal(args.state_dir)
             server.stop()
             print("TorchServe stopped" if not server.running() else "TorchServe is still running")
         else:

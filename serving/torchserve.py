@@ -1,8 +1,6 @@
-"""Start, wait for, and stop a TorchServe instance with its own state folder, ports and token keys.
-
-Each instance keeps its pid file (TMPDIR), logs, metrics logs and key_file.json in `state_dir`, so several can
-run side by side. Token authorization stays on: callers read the keys with `keys()`.
-"""
+"""The one place that knows TorchServe's state folder, config.properties and key file: start, wait for, and stop an
+instance with its own folder, ports and token keys; read the keys and renew them with the API key. Token
+authorization stays on."""
 import json
 import os
 import re
@@ -11,35 +9,101 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import requests
+import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: its defaults below
 DEFAULT_CONFIG = ROOT / "config.properties"
+DEFAULT_STATE = ROOT / ".torchserve"
+MODEL_STORE = ROOT / "model_store"
+KEY_FILE = "key_file.json"
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 
 
 class TorchServeError(RuntimeError):
-    pass
+    """TorchServe cannot be started, reached or authorised; the message is meant for the operator."""
 
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+ARCHIVE_MANIFEST = "MAR-INF/MANIFEST.json"
 
 
-def add_target_arguments(parser):
-    """--host, --state-dir, --model, --allow-remote: the TorchServe a load tool sends to, and its key file."""
-    parser.add_argument("--host", default="http://127.0.0.1:8080", help="TorchServe inference address")
-    parser.add_argument("--state-dir", default=str(ROOT / ".torchserve"), help="folder with key_file.json")
-    parser.add_argument("--model", default="visual-search")
-    parser.add_argument("--allow-remote", action="store_true", help="allow a host that is not loopback")
+@dataclass(frozen=True)
+class Archive:
+    """What a .mar says about itself: TorchServe's model entry, its model-config.yaml, our manifest.json, and the
+    manifest of its catalogue when the catalogue is bundled."""
+    name: str
+    version: str
+    config_file: str  # the model-config.yaml's name in the archive ("" when it has none)
+    config: dict
+    manifest: dict
+    catalogue: dict  # {} when the catalogue is outside the archive
 
 
-def refuse_remote(args):
-    """Load goes to loopback only, unless --allow-remote says otherwise."""
-    if urlparse(args.host).hostname not in LOOPBACK and not args.allow_remote:
-        sys.exit(f"error: {args.host} is not a loopback address; pass --allow-remote to load it deliberately")
+def archive_identity(path):
+    """(model name, version) from an archive's MAR-INF/MANIFEST.json."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            model = json.loads(archive.read(ARCHIVE_MANIFEST))["model"]
+        return str(model["modelName"]), str(model["modelVersion"])
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as error:
+        raise TorchServeError(f"{path} is not a readable model archive: {error}") from None
+
+
+def read_archive(path):
+    """The Archive of a .mar, read without unpacking the rest; TorchServeError when it is not one of ours."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            model = json.loads(archive.read(ARCHIVE_MANIFEST))["model"]
+            config_file = model.get("configFile") or ""
+            config = yaml.safe_load(archive.read(config_file)) if config_file in names else {}
+            manifest = json.loads(archive.read("manifest.json")) if "manifest.json" in names else {}
+            bundled = "catalogue/catalogue.json" in names
+            catalogue = json.loads(archive.read("catalogue/catalogue.json")) if bundled else {}
+        return Archive(str(model["modelName"]), str(model["modelVersion"]), config_file, config or {}, manifest,
+                       catalogue)
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile, yaml.YAMLError) as error:
+        raise TorchServeError(f"{path} is not a readable model archive: {error}") from None
+
+
+def read_keys(key_file):
+    """{"inference": key, "management": key, "API": key} from TorchServe's key_file.json."""
+    try:
+        data = json.loads(Path(key_file).read_text())
+        return {name: entry["key"] for name, entry in data.items() if isinstance(entry, dict) and "key" in entry}
+    except (OSError, ValueError, AttributeError) as error:
+        raise TorchServeError(f"cannot read the key file {key_file} ({error.__class__.__name__}): is TorchServe "
+                              f"running from that state folder, with token authorization?") from None
+
+
+def read_key(key_file, kind):
+    key = read_keys(key_file).get(kind)
+    if key is None:
+        raise TorchServeError(f"the key file {key_file} holds no {kind} key")
+    return key
+
+
+def is_refused_token(response):
+    """TorchServe's answer to a missing, expired or wrong key."""
+    return response.status_code in (400, 401) and ("Token" in response.text or "InvalidKeyException" in response.text)
+
+
+def renew_key(management_url, key_file, kind, timeout=30):
+    """Asks TorchServe for a new `kind` key ("inference" or "management") with the API key; TorchServe rewrites
+    the key file. Returns the new key."""
+    try:
+        response = requests.get(f"{management_url.rstrip('/')}/token", params={"type": kind}, timeout=timeout,
+                                headers={"Authorization": f"Bearer {read_key(key_file, 'API')}"})
+    except requests.RequestException as error:
+        raise TorchServeError(f"cannot renew the {kind} key at {management_url}: {error.__class__.__name__}") from None
+    if response.status_code != 200:
+        raise TorchServeError(f"TorchServe refused to renew the {kind} key (HTTP {response.status_code}): is "
+                              f"{key_file} the key file of the TorchServe at {management_url}?")
+    return read_key(key_file, kind)
 
 
 def free_port():
@@ -85,7 +149,7 @@ def read_properties(path):
 class TorchServe:
     """One TorchServe instance. `ports` = {"inference": p, "management": p, "metrics": p} overrides the config."""
 
-    def __init__(self, state_dir, model_store=ROOT / "model_store", config=DEFAULT_CONFIG, ports=None,
+    def __init__(self, state_dir, model_store=MODEL_STORE, config=DEFAULT_CONFIG, ports=None,
                  extra_properties=None):
         self.state_dir = Path(state_dir).resolve()
         self.model_store = Path(model_store).resolve()
@@ -106,7 +170,7 @@ class TorchServe:
 
     @property
     def key_file(self):
-        return self.state_dir / "key_file.json"
+        return self.state_dir / KEY_FILE
 
     def _env(self):
         # TEMP sets java.io.tmpdir, where the worker sockets (.ts.sock.9000, ...) go: one folder per instance.
@@ -162,11 +226,16 @@ class TorchServe:
 
     def keys(self):
         """{"inference": key, "management": key, "API": key} from this instance's key file."""
-        try:
-            data = json.loads(self.key_file.read_text())
-        except (OSError, ValueError):
-            raise TorchServeError(f"no key file at {self.key_file}: is TorchServe running with token auth?") from None
-        return {name: entry["key"] for name, entry in data.items() if isinstance(entry, dict) and "key" in entry}
+        return read_keys(self.key_file)
+
+    def key_lifetime_seconds(self):
+        """How long a key lasts: token_expiration_min (TorchServe's default: 60)."""
+        return 60 * float(self.properties.get("token_expiration_min", 60))
+
+    def renew_keys(self):
+        """New inference and management keys (TorchServe 0.12's expire after token_expiration_min)."""
+        for kind in ("inference", "management"):
+            renew_key(self.urls["management"], self.key_file, kind)
 
     def headers(self, api="inference"):
         return {"Authorization": f"Bearer {self.keys()[api]}"}
@@ -179,7 +248,11 @@ class TorchServe:
                 raise TorchServeError(f"TorchServe exited during start-up:\n{self.log_tail()}")
             try:
                 ready = all(self.model_ready(name) for name in model_names)
-                requests.get(f"{self.urls['inference']}/ping", headers=self.headers(), timeout=5).raise_for_status()
+                ping = requests.get(f"{self.urls['inference']}/ping", headers=self.headers(), timeout=5)
+                if is_refused_token(ping):  # a key that expired while the models loaded
+                    self.renew_keys()
+                    continue
+                ping.raise_for_status()
                 if ready:
                     return
                 last = "workers not ready"
@@ -191,6 +264,9 @@ class TorchServe:
     def model_ready(self, name, version=None):
         url = f"{self.urls['management']}/models/{name}" + (f"/{version}" if version else "")
         response = requests.get(url, headers=self.headers("management"), timeout=5)
+        if is_refused_token(response):
+            self.renew_keys()
+            response = requests.get(url, headers=self.headers("management"), timeout=5)
         if response.status_code == 404:
             return False
         response.raise_for_status()

@@ -9,8 +9,11 @@ import yaml
 
 from tests.conftest import MODEL_NAME
 from training.build_index import EMBEDDINGS_FILE
-from visual_search.bundle import BUNDLE_FILES, BundleError, load_bundle, publish_bundle, write_bundle
-from visual_search.catalogue_files import INDEX_FILE, ITEMS_FILE, MANIFEST_FILE as CATALOGUE_MANIFEST
+from training.publish import publish_bundle, write_bundle
+from visual_search.bundle import BUNDLE_FILES, load_bundle
+from visual_search.catalogue.manifest import INDEX_FILE, ITEMS_FILE
+from visual_search.catalogue.manifest import MANIFEST_FILE as CATALOGUE_MANIFEST
+from visual_search.errors import BundleError
 
 
 def test_archive_carries_handler_package_bundle_and_model_config(model_store):
@@ -33,10 +36,12 @@ def test_archive_carries_handler_package_bundle_and_model_config(model_store):
 def test_bundle_loads_with_consistent_counts_and_dimensions(bundle_dir, manifest):
     bundle = load_bundle(bundle_dir)
     assert bundle.catalogue.index.d == 2048 == manifest["embedding_dim"]
-    assert bundle.catalogue.index.ntotal == bundle.catalogue.count == manifest["num_items"] == 24
+    catalogue = bundle.catalogue.manifest  # the one owner of the catalogue's facts; the bundle holds its reference
+    assert bundle.catalogue.index.ntotal == bundle.catalogue.count == catalogue["count"] == 24
     assert manifest["catalogue"]["bundled"] and manifest["catalogue"]["count"] == 24
-    assert manifest["index_profile"] == "exact" and manifest["index_factory"] == "Flat"
-    assert bundle.categories == ["bags", "phones", "shoes"] == manifest["catalogue_categories"]
+    assert catalogue["profile"] == "exact" and catalogue["factory"] == "Flat"
+    assert bundle.categories == ["bags", "phones", "shoes"] == catalogue["categories"]
+    assert not {"num_items", "catalogue_categories", "index_profile", "index_factory"} & set(manifest)
     assert not bundle.model.training
     assert tuple(bundle.model.head.weight.shape) == (3, 2048)
 

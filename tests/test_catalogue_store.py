@@ -8,12 +8,13 @@ import faiss
 import numpy as np
 import pytest
 
-from visual_search.catalogue import Item
-from visual_search.catalogue_build import publish_catalogue, reindex_catalogue, update_catalogue
-from visual_search.catalogue_files import INDEX_FILE, ITEMS_FILE, CatalogueError
-from visual_search.catalogue_filters import FilterError, SearchError, UnknownListingError
-from visual_search.catalogue_store import EXACT_SCAN_UP_TO, SearchRequest, open_catalogue, verify_catalogue
-from visual_search.index import l2_normalize
+from visual_search.catalogue import SearchRequest, open_catalogue, verify_catalogue
+from visual_search.catalogue.build import publish_catalogue, reindex_catalogue, update_catalogue
+from visual_search.catalogue.manifest import INDEX_FILE, ITEMS_FILE
+from visual_search.catalogue.search import EXACT_SCAN_UP_TO
+from visual_search.catalogue.vectors import l2_normalize
+from visual_search.errors import CatalogueError, FilterError, InputError, UnknownListingError
+from visual_search.items import Item
 
 DIM, N = 2048, 12_000
 CATEGORIES = ["bag", "coat", "dress", "shoe", "rare", "empty"]  # "rare" is small, "empty" holds nothing
@@ -157,7 +158,7 @@ def test_filters_that_match_nothing_are_refused_with_a_reason(data, catalogue):
     rare = [it.id for it in data["items"] if it.category == "rare"]
     with pytest.raises(FilterError, match="every matching item is left out"):
         catalogue.search(data["queries"][:1], 4, categories=["rare"], exclude=rare)
-    assert FilterError.status == 400 and isinstance(FilterError("x"), SearchError)
+    assert FilterError.status == 400 and isinstance(FilterError("x"), InputError)
 
 
 def test_search_by_listing_uses_the_stored_vector_and_leaves_the_listing_out(data, catalogue):
@@ -369,7 +370,7 @@ def test_exact_profile_matches_brute_force(tmp_path):
 
 
 def test_an_archive_reference_pins_the_catalogue_version(data):
-    from visual_search.catalogue_store import catalogue_reference
+    from visual_search.catalogue.store import catalogue_reference
 
     root = data["root"]
     reference = catalogue_reference(root / "v1")
@@ -382,14 +383,15 @@ def test_an_archive_reference_pins_the_catalogue_version(data):
 
 
 def test_command_line_verifies_and_searches_by_listing(data, capsys):
-    from visual_search.catalogue_cli import main
+    from visual_search.catalogue.__main__ import main
 
     folder = str(data["root"] / "v1")
     main(["verify", folder])
     assert f"ok: {folder}: " in capsys.readouterr().out
     main(["search", folder, "--listing", data["ids"][5], "-k", "3", "--category", "coat"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"{data['ids'][5]} (") and len(lines) == 4 and all(" coat " in l for l in lines[1:])
+    assert lines[0].startswith(f"{data['ids'][5]} (") and len(lines) == 4
+    assert all(" coat " in line for line in lines[1:])
     with pytest.raises(SystemExit, match="error: unknown listing id 'nope'"):
         main(["search", folder, "--listing", "nope"])
     with pytest.raises(SystemExit, match="error: catalogue folder not found: .*missing"):
@@ -433,7 +435,7 @@ def test_the_keys_of_a_small_filtered_set_come_without_unpacking_the_whole_bitma
     """At 10^8 keys a category bitmap is 12.5 MB; unpacked to one byte per key it would be 100 MB per request."""
     import tracemalloc
 
-    from visual_search.catalogue_filters import Selection, category_bitmaps, set_keys
+    from visual_search.catalogue.filters import Selection, category_bitmaps, set_keys
 
     key_space = 100_000_000
     bitmap = np.zeros((key_space + 7) // 8, dtype=np.uint8)

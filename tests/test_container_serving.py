@@ -14,12 +14,12 @@ import requests
 
 from deploy.make_release import main as make_release
 from serving.build_archive import main as build_archive
-from serving.serve import MODELS_ENV, NoVersionChosen, main as serve_main, models_from_env, startup_models
-from serving.torchserve import ADDRESS_KEYS, free_port, java_home, tool
+from serving.serve import MODELS_ENV, NoVersionChosen, models_from_env, startup_models
+from serving.serve import main as serve_main
+from serving.torchserve import ADDRESS_KEYS, ROOT, free_port, java_home, tool
 from tests.conftest import MODEL_NAME
 from tests.fixtures import encode, product_photo, running_torchserve
 
-ROOT = Path(__file__).resolve().parent.parent
 HEALTHCHECK = ROOT / "deploy" / "container" / "healthcheck.py"
 PHOTO = encode(product_photo("shoes", seed=5))
 

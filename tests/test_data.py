@@ -5,9 +5,9 @@ import struct
 import numpy as np
 import pytest
 
-from visual_search.catalogue import read_csv, scan_folder, split_items, subsample, write_csv
-from visual_search.fashion_mnist import CATEGORIES, export_folders, read_idx
+from training.fashion_mnist import CATEGORIES, export_folders, read_idx
 from visual_search.images import open_image
+from visual_search.items import read_csv, scan_folder, split_items, subsample, write_csv
 
 
 def write_idx(path, array):

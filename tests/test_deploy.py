@@ -8,13 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from ts.arg_parser import ArgParser
 
 from deploy.validate import load_documents, manifest_files, problems, selects, serving_workloads
-from serving.torchserve import read_properties
+from serving.torchserve import ROOT, read_properties
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 STORAGE_CONFIG = DEPLOY / "storage" / "config" / "config.properties"
 HADOLINT = Path(sys.executable).parent / "hadolint"

@@ -13,11 +13,12 @@ import pytest
 import yaml
 
 from deploy import make_release as release_module
-from deploy.make_release import main as make_release, rename_without_replacing
+from deploy.make_release import main as make_release
 from deploy.validate import exposure_problems, load_documents, manifest_files, read_config, token_authorization_off
-from serving.torchserve import tool
+from serving.torchserve import ROOT, tool
+from visual_search import fileio
+from visual_search.fileio import rename_noreplace as rename_without_replacing
 
-ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "storage" / "config" / "config.properties"
 MODEL_CONFIG = {"batchSize": 2, "minWorkers": 1, "maxWorkers": 1,
                 "handler": {"default_k": 4, "max_k": 100, "catalogue_dir": "shop-v1"}}
@@ -304,7 +305,7 @@ def test_an_existing_folder_is_never_changed(archives, tmp_path):
 @pytest.mark.parametrize("renameat2", ["system", "absent"])
 def test_renaming_into_place_never_replaces_a_file_or_a_folder(tmp_path, monkeypatch, renameat2):
     if renameat2 == "absent":
-        monkeypatch.setattr(release_module, "_renameat2", None)
+        monkeypatch.setattr(fileio, "_renameat2", None)
     (tmp_path / "new").write_text("new")
     (tmp_path / "old").write_text("old")
     with pytest.raises(FileExistsError):
@@ -324,10 +325,10 @@ def test_each_file_is_synced_before_it_is_renamed_and_each_folder_after(archives
     """The order of the durable steps: fsync a file, rename it into place, fsync its folder; the release folder
     is renamed last and its parent synced after it."""
     steps = []
-    real_fsync, real_rename = os.fsync, release_module.rename_without_replacing
+    real_fsync, real_rename = os.fsync, fileio.rename_noreplace
     monkeypatch.setattr(release_module.os, "fsync", lambda fd: (steps.append(("fsync", os.readlink(
         f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
-    monkeypatch.setattr(release_module, "rename_without_replacing",
+    monkeypatch.setattr(fileio, "rename_noreplace",
                         lambda a, b: (steps.append(("rename", str(b))), real_rename(a, b))[1])
     out = tmp_path / "release"
     make_release(["--out", str(out), str(archives["v1"]), "--threads", "2"])

@@ -4,25 +4,23 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from serving.torchserve import free_port
+from serving.torchserve import ROOT, free_port
 from tests.fixtures import IMAGE_SIZE, write_photo_folder
 from training.build_index import main as build_index
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.dataset import ItemDataset
+from training.train import build_model
 from training.train import main as train
-from visual_search.catalogue import read_csv, scan_folder, split_items
-from visual_search.catalogue_store import open_catalogue
-from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
-from visual_search.dataset import ItemDataset
-from visual_search.model import build_model
+from visual_search.catalogue.store import open_catalogue
+from visual_search.items import read_csv, scan_folder, split_items
 from visual_search.preprocessing import PreprocessSettings, train_transform
 
-ROOT = Path(__file__).resolve().parent.parent
 SEED, PER_RANK_BATCH, RANKS = 7, 3, 2
 
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from training.build_index import EMBEDDINGS_FILE
-from training.evaluate import main as evaluate, retrieval_metrics
-from visual_search.bundle import load_bundle, publish_bundle
-from visual_search.catalogue import read_csv
+from training.evaluate import main as evaluate
+from training.evaluate import retrieval_metrics
+from training.publish import publish_bundle
+from visual_search.bundle import load_bundle
+from visual_search.items import read_csv
 
 
 def test_missing_results_are_misses():

@@ -2,6 +2,7 @@
 
 CUDA-only settings are tested on CUDA and skipped elsewhere, never imitated on the CPU.
 """
+import io
 import json
 import os
 import zipfile
@@ -13,15 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.inprocess import handle, load_handler, synthetic_bundle
 from benchmarks.parity import agreement
 from loadtests.photos import product_jpeg
 from serving.build_archive import main as build_archive
 from tests.fixtures import encode, product_photo
+from tests.harness import handle, load_handler, synthetic_bundle
 from visual_search.bundle import load_bundle
-from visual_search.images import InputError, decode_image
+from visual_search.errors import InputError
+from visual_search.images import decode_image
+from visual_search.request import Limits
 from visual_search.runtime import Jpeg, Runtime, RuntimeSettings, cgroup_cpus, count_workers, cpu_budget, share_cores
-from visual_search.service_io import Limits
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="fp16/bf16 and GPU JPEG decoding apply on CUDA only; no GPU here")
@@ -70,7 +72,7 @@ def test_archive_carries_the_runtime_section_and_the_cpu_handler_runs_fp32(fast_
     assert json.loads((fast_bundle / "manifest.json").read_text())["runtime"]["precision"] == "fp32"
     handler = load_handler(tmp_path / "store" / "fast.mar", tmp_path, 4, "cuda" if CUDA else "cpu")
     expected = runtime if CUDA else {**runtime, "precision": "fp32", "gpu_decode": False}
-    assert handler.runtime.settings.to_dict() == expected
+    assert handler.service.runtime.settings.to_dict() == expected
     answers = handle(handler, photos[:3], ["similar", "embedding", "similar"])
     assert len(answers[0]["neighbours"]) == 4 and answers[1]["dim"] == 2048
 
@@ -86,8 +88,8 @@ def test_uploads_are_decoded_shrunk_towards_the_input_size(fast_bundle):
     for body in (product_jpeg(1, (2000, 1500)), encode(product_photo("bags", 1, size=(2000, 1500)), "PNG")):
         image = runtime.decode_images(body)
         assert 32 <= min(image.size) < 64 and max(image.size) < 2 * 64, image.size
-    queries, errors, batch = runtime.prepare([{"body": product_jpeg(2, (2000, 1500))}], [{}], Limits(4, 4))
-    assert errors == [None] and batch.shape == (1, 3, 32, 32)
+    prepared = runtime.prepare([{"body": product_jpeg(2, (2000, 1500))}], [{}], Limits(4, 4))
+    assert prepared.errors == [None] and prepared.batch.shape == (1, 3, 32, 32)
 
 
 def bogus_huffman_table(jpeg):
@@ -139,8 +141,8 @@ class RecordingDecoder:
 
 
 def torchvision_size(tensor):
+
     from PIL import Image as PILImage
-    import io
     return PILImage.open(io.BytesIO(tensor.numpy().tobytes())).size
 
 
@@ -152,8 +154,8 @@ def test_a_large_jpeg_is_decoded_scaled_down_by_pil_never_full_size_on_the_devic
     assert len(flat) < 1_000_000
     image = runtime.decode_images(flat)
     assert not isinstance(image, Jpeg) and max(image.size) <= 1500, image.size
-    queries, errors, batch = runtime.prepare([{"body": flat}, {"body": product_jpeg(1, SIZE)}], [{}, {}], Limits(4, 4))
-    assert errors == [None, None] and batch.shape == (2, 3, 32, 32)
+    prepared = runtime.prepare([{"body": flat}, {"body": product_jpeg(1, SIZE)}], [{}, {}], Limits(4, 4))
+    assert prepared.errors == [None, None] and prepared.batch.shape == (2, 3, 32, 32)
     assert runtime.decode_jpeg.calls == [SIZE[0] * SIZE[1]]  # only the small photo went to the device
 
 
@@ -161,8 +163,8 @@ def test_device_decoding_runs_in_chunks_of_bounded_pixels(fast_bundle):
     runtime = Runtime(load_bundle(fast_bundle), "cpu", RuntimeSettings(gpu_decode=True))
     runtime.decode_jpeg, runtime.chunk_pixels = RecordingDecoder(), 3 * 640 * 480
     bodies = [product_jpeg(seed, (640, 480)) for seed in range(8)]
-    _, errors, batch = runtime.prepare([{"body": b} for b in bodies], [{}] * 8, Limits(4, 4))
-    assert errors == [None] * 8 and batch.shape == (8, 3, 32, 32)
+    prepared = runtime.prepare([{"body": b} for b in bodies], [{}] * 8, Limits(4, 4))
+    assert prepared.errors == [None] * 8 and prepared.batch.shape == (8, 3, 32, 32)
     assert runtime.decode_jpeg.calls == [3 * 640 * 480, 3 * 640 * 480, 2 * 640 * 480]
 
 
@@ -172,7 +174,8 @@ def test_a_device_out_of_memory_error_falls_back_to_pil_for_that_chunk_only(fast
     runtime = Runtime(load_bundle(fast_bundle), "cpu", RuntimeSettings(gpu_decode=True))
     runtime.decode_jpeg, runtime.chunk_pixels = RecordingDecoder(fail_over=2 * 640 * 480), 3 * 640 * 480
     bodies = [product_jpeg(seed, (640, 480)) for seed in range(4)] + [bogus_huffman_table(photos[3])]
-    _, errors, batch = runtime.prepare([{"body": b} for b in bodies], [{}] * 5, Limits(4, 4))
+    prepared = runtime.prepare([{"body": b} for b in bodies], [{}] * 5, Limits(4, 4))
+    errors, batch = prepared.errors, prepared.batch
     assert errors[:4] == [None] * 4 and isinstance(errors[4], InputError) and errors[4].status == 400
     expected = torch.stack(runtime.to_tensors([decode_image(b, 32) for b in bodies[:4]]))
     assert batch.shape == (4, 3, 32, 32) and (batch - expected).abs().mean() < 0.05
@@ -189,7 +192,7 @@ def test_a_batch_the_device_cannot_hold_runs_in_halves(fast_bundle, photos):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return forward(batch)
 
-    _, _, batch = runtime.prepare([{"body": p} for p in photos[:5]], [{}] * 5, Limits(4, 4))
+    batch = runtime.prepare([{"body": p} for p in photos[:5]], [{}] * 5, Limits(4, 4)).batch
     expected = runtime.embed(batch)
     runtime.forward = limited
     embeddings, probabilities = runtime.embed(batch)
@@ -220,7 +223,7 @@ def test_compile_happens_at_load_time(fast_bundle, photos):
     assert compiled_at_load > graphs_before, "nothing was compiled while loading"
     for size in (3, 1, 4):  # request batches of other sizes reuse the graphs compiled at load
         rows = [{"body": p} for p in photos[:size]]
-        _, _, batch = runtime.prepare(rows, [{}] * size, Limits(4, 4))
+        batch = runtime.prepare(rows, [{}] * size, Limits(4, 4)).batch
         embeddings, _ = runtime.embed(batch)
         assert np.isfinite(embeddings).all() and embeddings.shape == (size, 2048)
     assert counters["stats"]["unique_graphs"] == compiled_at_load, "a request triggered a compile"

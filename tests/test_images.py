@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from tests.fixtures import encode, product_photo
-from visual_search.images import InputError, decode_image
+from visual_search.errors import InputError
+from visual_search.images import decode_image
 
 PHOTO = product_photo("bags", 1, size=(64, 48))
 

@@ -3,7 +3,8 @@ import faiss
 import numpy as np
 import pytest
 
-from visual_search.index import l2_normalize, mmap_flag_for, new_index, open_index, save_index
+from visual_search.catalogue.index import mmap_flag_for, new_index, open_index, save_index
+from visual_search.catalogue.vectors import l2_normalize
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_unit_length_rows():
 
 
 def test_profiles_are_chosen_by_size_and_carry_their_search_parameters():
-    from visual_search.index import ivf_lists, plan_index
+    from visual_search.catalogue.index import ivf_lists, plan_index
 
     assert plan_index(6000).profile == "exact" and plan_index(6000).factory == "Flat"
     big = plan_index(1_000_000)
@@ -65,7 +66,7 @@ def test_profiles_are_chosen_by_size_and_carry_their_search_parameters():
 
 
 def test_any_factory_string_still_works_and_ivf_never_defaults_to_one_list():
-    from visual_search.index import plan_index
+    from visual_search.catalogue.index import plan_index
 
     custom = plan_index(100_000, factory="IVF4096,PQ64")
     assert custom.profile == "custom" and custom.search["nprobe"] == 64 and custom.search["k_factor"] == 2
@@ -82,7 +83,7 @@ def test_any_factory_string_still_works_and_ivf_never_defaults_to_one_list():
 
 
 def test_search_parameters_reach_the_ivf_inside_wrappers(vectors):
-    from visual_search.index import new_index, search_parameters
+    from visual_search.catalogue.index import new_index, search_parameters
 
     index = new_index("PCA64,IVF8,Flat")
     index.train(vectors)

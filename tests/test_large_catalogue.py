@@ -21,16 +21,17 @@ import pytest
 import requests
 
 from benchmarks import synthetic_catalogue as synthetic
-from benchmarks.inprocess import calibrated_model, embed_photos
 from serving.build_archive import main as build_archive
-from serving.management import ManagementClient, ManagementError
+from serving.management_client import ManagementClient, ManagementError
 from tests.fixtures import CATEGORIES, IMAGE_SIZE, encode, product_photo, running_torchserve
-from visual_search.bundle import CATALOGUES_ENV, CATALOGUE_DIR, write_bundle
-from visual_search.catalogue import Item
-from visual_search.catalogue_build import publish_catalogue, update_catalogue
-from visual_search.catalogue_files import INDEX_FILE, read_manifest
+from tests.harness import calibrated_model, embed_photos
+from training.publish import write_bundle
+from visual_search.bundle import CATALOGUE_DIR, CATALOGUES_ENV
+from visual_search.catalogue.build import publish_catalogue, update_catalogue
+from visual_search.catalogue.manifest import INDEX_FILE, read_manifest
+from visual_search.catalogue.vectors import segment_name
+from visual_search.items import Item
 from visual_search.preprocessing import PreprocessSettings
-from visual_search.vector_store import segment_name
 
 N_ITEMS = 20_000
 PHOTOS_PER_CATEGORY = 30
@@ -405,7 +406,7 @@ def test_a_swapped_or_truncated_catalogue_file_is_refused_at_load(server, world,
     reason = (f"BundleError: {broken}: {INDEX_FILE} is not the file this catalogue was published with (its sampled "
               f"bytes differ: swapped or modified)")
     assert reason in text, text[-3000:]
-    assert message.endswith(f"the worker said: visual_search.bundle.{reason}"), message  # what the operator sees
+    assert message.endswith(f"the worker said: visual_search.errors.{reason}"), message  # what the operator sees
     index.unlink()
     os.link(world["shop"] / INDEX_FILE, index)
 

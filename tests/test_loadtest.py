@@ -1,5 +1,6 @@
 """A short (5 s) headless Locust run against the test TorchServe: the suite works and no request fails."""
-from loadtests.run import main as run_loadtest, read_counts
+from loadtests.run import main as run_loadtest
+from loadtests.run import read_counts
 from tests.conftest import MODEL_NAME
 
 

@@ -2,24 +2,22 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from serving.torchserve import ROOT
 from tests.fixtures import IMAGE_SIZE, encode, product_photo, write_photo_folder
 from training.build_index import main as build_index
+from training.checkpoint import save_checkpoint
+from training.dataset import ItemDataset, UnreadablePhotoError
+from training.photo_check import BAD_PHOTOS_FILE, BadPhotosError, find_bad_photos
+from training.train import build_model
 from training.train import main as train
-from visual_search.catalogue import read_csv, scan_folder, subsample, write_csv
-from visual_search.catalogue_store import open_catalogue
-from visual_search.checkpoint import save_checkpoint
-from visual_search.dataset import ItemDataset, UnreadablePhotoError
-from visual_search.model import build_model
-from visual_search.photo_check import BAD_PHOTOS_FILE, BadPhotosError, find_bad_photos
+from visual_search.catalogue.store import open_catalogue
+from visual_search.items import read_csv, scan_folder, subsample, write_csv
 from visual_search.preprocessing import PreprocessSettings, eval_transform
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def break_photos(root):
@@ -98,7 +96,7 @@ def test_index_build_checks_the_catalogue_photos(photos, tmp_path):
 
     manifest = build_index(common + ["--out-dir", str(tmp_path / "bundle"), "--skip-bad"])
     ids = [it.id for it in open_catalogue(tmp_path / "bundle" / "catalogue").all_items()]
-    assert manifest["num_items"] == len(ids) == 15 and not {"truncated", "garbage", "empty"} & set(ids)
+    assert manifest["catalogue"]["count"] == len(ids) == 15 and not {"truncated", "garbage", "empty"} & set(ids)
     assert np.load(tmp_path / "bundle" / "embeddings.npy").shape == (15, 2048)
     assert (tmp_path / "bundle" / BAD_PHOTOS_FILE).read_text().count("\n") == 4
 

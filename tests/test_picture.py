@@ -1,8 +1,8 @@
 """The results picture is a real image with one row per query and the query beside its neighbours."""
 from PIL import Image
 
-from visual_search.catalogue import scan_folder
-from visual_search.picture import draw_results
+from training.plot import draw_results
+from visual_search.items import scan_folder
 
 
 def test_results_picture_shows_queries_beside_their_neighbours(photo_dir, tmp_path):

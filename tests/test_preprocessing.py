@@ -10,9 +10,9 @@ import torch
 
 from tests.conftest import MODEL_NAME
 from tests.fixtures import encode, product_photo
-from visual_search.catalogue import scan_folder
-from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
-from visual_search.dataset import ItemDataset
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.dataset import ItemDataset
+from visual_search.items import scan_folder
 from visual_search.preprocessing import PreprocessSettings, eval_transform
 
 # Runs inside the unpacked archive with only the archive on sys.path: the archive's own code and settings.
@@ -29,8 +29,8 @@ HANDLER_SCRIPT = textwrap.dedent("""
     handler.context = context
     rows = [{"body": open(path, "rb").read()} for path in sys.argv[3:]]
     context.request_processor = [RequestProcessor({}) for _ in rows]
-    kinds, queries, errors, batch = handler.preprocess(rows)
-    torch.save(batch, sys.argv[2])
+    prepared = handler.service.runtime.prepare(rows, [{} for _ in rows], handler.service.limits)
+    torch.save(prepared.batch, sys.argv[2])
 """)
 
 

@@ -1,25 +1,20 @@
-"""README's curl lines, read out of README.md and run as written (real curl, through bash) against a real
-TorchServe that serves the test model under README's model name. Only host:port is substituted, and the demo
-catalogue's example listing id and categories, which the test catalogue does not have, by ones it has.
-
-Each bash block of README that holds a curl line is run the way a reader types it: in a folder that holds
-`photo.jpg` and `.torchserve/key_file.json`, with the block's variable assignments (INFER=..., KEY=...) first.
-"""
+"""The curl lines of README.md and docs/api.md, run as written (real curl, through bash) against a real TorchServe
+serving the test model under README's model name, in a folder with photo.jpg and .torchserve/key_file.json and each
+block's assignments first. Only host:port, and the demo's example listing id and categories, are substituted."""
 import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from loadtests.photos import product_jpeg
 from serving.build_archive import main as build_archive
+from serving.torchserve import ROOT
 from tests.fixtures import running_torchserve
 from visual_search.bundle import load_bundle
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "api.md")
 MODEL, VERSION = "visual-search", "2.0"  # README's name; 2.0 answers both /visual-search and /visual-search/2.0
 PORTS = {"8080": "inference", "8081": "management", "8082": "metrics"}
 STATUS_MARK = "\nHTTP_STATUS="
@@ -37,9 +32,9 @@ def bash_blocks(text):
 
 
 def readme_calls():
-    """[(prelude, command)]: every curl command of README, with the assignments of its block."""
+    """[(prelude, command)]: every curl command of the documents, with the assignments of its block."""
     calls = []
-    for block in bash_blocks(README.read_text()):
+    for block in (block for document in DOCUMENTS for block in bash_blocks(document.read_text())):
         prelude = [line for line in block if re.match(r"^[A-Z_]+=", line)]
         calls += [(prelude, line) for line in block if re.search(r"\bcurl\b", line)]
     return calls

@@ -214,9 +214,9 @@ def test_describe_shows_the_model_summary(torchserve, manifest):
     assert response.status_code == 200, response.text
     described = json.loads(response.json()[0]["customizedMetadata"]) \
         if isinstance(response.json()[0]["customizedMetadata"], str) else response.json()[0]["customizedMetadata"]
-    assert described["items"] == manifest["num_items"] and described["categories"] == manifest["categories"]
+    assert described["items"] == manifest["catalogue"]["count"] and described["categories"] == manifest["categories"]
     assert described["threads"] == len(os.sched_getaffinity(0))  # one worker (minWorkers = maxWorkers = 1)
-    assert described["max_k"] == manifest["num_items"]
+    assert described["max_k"] == manifest["catalogue"]["count"]
 
 
 def test_requests_without_the_token_are_refused(torchserve):

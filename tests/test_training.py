@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tests.fixtures import IMAGE_SIZE
+from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.train import main as train
-from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def test_checkpoint_holds_model_optimizer_epoch_categories_and_preprocessing(trained_run):
@@ -51,7 +51,7 @@ def test_missing_weights_file_is_a_clear_error(photo_dir, tmp_path):
 def test_local_resnet50_weights_file_initialises_the_backbone(tmp_path):
     from torchvision.models import resnet50
 
-    from visual_search.model import build_model
+    from training.train import build_model
 
     reference = resnet50(weights=None)
     torch.save(reference.state_dict(), tmp_path / "resnet50.pth")
@@ -63,8 +63,8 @@ def test_local_resnet50_weights_file_initialises_the_backbone(tmp_path):
 
 def test_a_checkpoint_write_that_fails_half_way_leaves_the_earlier_file(tmp_path):
     """best.pt and last.pt are written through one atomic helper: a crash mid-write cannot break the earlier file."""
-    from visual_search.checkpoint import save_checkpoint
-    from visual_search.model import build_model
+    from training.checkpoint import save_checkpoint
+    from training.train import build_model
     from visual_search.preprocessing import PreprocessSettings
 
     model = build_model(3)

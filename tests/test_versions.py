@@ -14,15 +14,17 @@ import numpy as np
 import pytest
 import requests
 
+from loadtests.steady_load import SteadyLoad
+from loadtests.steady_load import main as steady_load
 from serving.manage import main as manage
-from serving.management import ManagementClient, ManagementError
-from serving.steady_load import SteadyLoad, main as steady_load
+from serving.management_client import ManagementClient, ManagementError
 from serving.torchserve import free_port
 from tests.fixtures import CATEGORIES, encode, product_photo, running_torchserve
 from training.build_index import main as build_index
-from training.update_catalogue import ADDED_EMBEDDINGS_FILE, main as update_catalogue, remembered
-from visual_search.catalogue_store import open_catalogue, verify_catalogue
-from visual_search.index import ivf_of, open_index
+from training.next_version import ADDED_EMBEDDINGS_FILE, remembered
+from training.next_version import main as update_catalogue
+from visual_search.catalogue.index import ivf_of, open_index
+from visual_search.catalogue.store import open_catalogue, verify_catalogue
 
 MODEL = "versioned-search"
 ARCHIVE_OPTIONS = ["--batch-size", "4", "--max-batch-delay", "20", "--startup-timeout", "120"]
@@ -296,7 +298,7 @@ def test_rollout_rollback_and_scaling_under_load_fail_no_request(server, version
     failures = load.failures()
     assert not failures, f"{len(failures)} of {len(results)} requests failed: {failures[:5]}"
     assert {r[1] for r in results} == {"1.0", "2.0"}
-    for status, version, ids, _ in results:
+    for _, version, ids, _ in results:
         assert ids <= versions["catalogues"][version] and len(ids) == k
     print(f"\nsteps done at (elapsed/requests so far): {', '.join(timeline)}\n{load.summary()}")
 

@@ -25,7 +25,7 @@ import requests
 from PIL import Image
 
 from serving.build_archive import main as build_archive
-from serving.management import ManagementClient
+from serving.management_client import ManagementClient
 from serving.torchserve import ROOT, free_port
 from tests.conftest import MODEL_NAME
 from tests.fixtures import CATEGORIES, encode, product_photo
@@ -146,8 +146,8 @@ def test_versions_are_listed_default_first_with_their_categories(front, manifest
     assert answer["model"] == MODEL_NAME
     assert [(v["version"], v["default"]) for v in answer["versions"]] == [("1.0", True)]
     version = answer["versions"][0]
-    assert version["categories"] == manifest["categories"] and version["items"] == manifest["num_items"]
-    assert version["default_k"] == 4 and version["max_k"] == manifest["num_items"]  # max_k 100 > 24 items
+    assert version["categories"] == manifest["categories"] and version["items"] == manifest["catalogue"]["count"]
+    assert version["default_k"] == 4 and version["max_k"] == manifest["catalogue"]["count"]  # max_k 100 > 24 items
     assert all(key["key"] not in response.text for key in keys_of(torchserve).values())
 
 

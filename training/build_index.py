@@ -1,40 +1,37 @@
-"""Embed the catalogue with a trained checkpoint and write the search bundle (weights and catalogue folder).
-
-    python -m training.build_index --checkpoint runs/x/best.pt --data-dir data/photos --out-dir runs/x/bundle
-    python -m training.build_index ... --profile compact --catalogue-dir /srv/catalogues/shop-v1  # outside
-    torchrun --nproc-per-node 4 -m training.build_index ...        # each process embeds its share
-
-The catalogue folder (FAISS index, items, category bitmaps, stored vectors: visual_search.catalogue_store) goes
-inside the bundle as <out-dir>/catalogue, or with --catalogue-dir to a folder of its own that archives name
-instead of carrying. The index profile is chosen by catalogue size unless --profile or --factory says otherwise.
-
-The catalogue is the checkpoint's training split (train.csv beside it) unless --catalogue names a CSV or --all
-takes every image under --data-dir. Every photo is decoded once before embedding starts; unreadable ones stop
-the build, or with --skip-bad are left out of the catalogue and listed in <out-dir>/bad-photos.csv.
-
-The embeddings are streamed into <out-dir>/embeddings.npy (float32 [N, 2048], rows in catalogue order): under
-torchrun each rank writes the rows of its contiguous share, then rank 0 builds the index from that file.
-"""
+"""Embed the catalogue with a trained checkpoint and write the bundle: weights, manifest and the catalogue folder
+(bundled, or outside with --catalogue-dir). The catalogue is the run's training split unless --catalogue or --all;
+photos are checked before embedding; under torchrun each rank embeds its share. See docs/training.md."""
 import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 
-from visual_search import EMBEDDING_DIM, distributed
-from visual_search.bundle import publish_bundle
-from visual_search.catalogue import read_csv, scan_folder
-from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
+from training import distributed
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.embedding import iter_embeddings
+from training.photo_check import BadPhotosError, check_photos
+from training.publish import publish_bundle
+from visual_search import EMBEDDING_DIM
+from visual_search.bundle import catalogue_folder
+from visual_search.catalogue import read_manifest
+from visual_search.catalogue.index import PROFILES
 from visual_search.cli import HelpFormatter
-from visual_search.embedding import iter_embeddings
-from visual_search.index import PROFILES, l2_normalize
-from visual_search.photo_check import BadPhotosError, check_photos
+from visual_search.items import read_csv, scan_folder
+from visual_search.model import TrainedModel
+from visual_search.runtime import Runtime
+
+USAGE = """examples:
+  python -m training.build_index --checkpoint runs/x/best.pt --data-dir data/photos --out-dir runs/x/bundle
+  python -m training.build_index ... --profile compact --catalogue-dir /srv/catalogues/shop-v1
+  torchrun --nproc-per-node 4 -m training.build_index ...
+"""
 
 EMBEDDINGS_FILE = "embeddings.npy"  # beside the bundle, the publishing step's input; not shipped in the archive
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-dir", required=True, help="root that catalogue image references are relative to")
     p.add_argument("--out-dir", required=True, help="bundle folder (under torchrun on storage every node shares)")
@@ -71,6 +68,8 @@ def catalogue_items(args):
 
 def embed_catalogue_to_file(ctx, path, model, data_dir, items, categories, preprocess, normalize, batch_size=64,
                             workers=0):
+    # the runtime that will embed the queries, on this rank's device
+    runtime = Runtime(TrainedModel(model, preprocess, normalize), ctx.device)
     """Streams the embeddings of `items` into the .npy at `path`, each rank the rows of its contiguous share.
 
     Rank 0 creates the file under a temporary name and renames it once every rank has written its rows, so a
@@ -88,9 +87,9 @@ def embed_catalogue_to_file(ctx, path, model, data_dir, items, categories, prepr
     rows = np.lib.format.open_memmap(partial, mode="r+")
     start, end = distributed.shard_range(len(items), ctx.rank, ctx.world_size)
     row = start
-    for embeddings, _ in iter_embeddings(model, data_dir, items[start:end], categories, preprocess, ctx.device,
-                                         batch_size, workers, desc="embedding catalogue", progress=ctx.is_main):
-        rows[row:row + len(embeddings)] = l2_normalize(embeddings) if normalize else embeddings
+    for embeddings, _ in iter_embeddings(runtime, data_dir, items[start:end], categories, batch_size, workers,
+                                         desc="embedding catalogue", progress=ctx.is_main):
+        rows[row:row + len(embeddings)] = embeddings
         row += len(embeddings)
     rows.flush()
     del rows
@@ -121,7 +120,8 @@ def build(args, ctx):
                                   catalogue_dir=args.catalogue_dir, profile=args.profile, factory=args.factory,
                                   search=args.search, notes=f"built from {args.checkpoint}", image_root=args.data_dir)
         where = "bundled" if manifest["catalogue"]["bundled"] else f"outside, in {manifest['catalogue']['path']}"
-        print(f"indexed {manifest['num_items']} items ({manifest['index_profile']}: {manifest['index_factory']}, "
+        catalogue = read_manifest(catalogue_folder(out_dir, manifest))
+        print(f"indexed {catalogue['count']} items ({catalogue['profile']}: {catalogue['factory']}, "
               f"{'unit-length' if normalize else 'raw'} embeddings) in {out_dir}; catalogue {where}")
     return manifest  # the other ranks are done: they need not wait while rank 0 builds the index
 

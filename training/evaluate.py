@@ -1,27 +1,24 @@
-"""Test accuracy and retrieval precision@k of a search bundle on held-out images, written to a JSON file.
-
-    python -m training.evaluate --bundle runs/x/bundle --data-dir data/photos --queries runs/x/val.csv
-
-precision@k: the share of a query's k nearest catalogue items that are in the query's category. The catalogue
-answers exactly k whenever it holds k items; should a query ever get fewer, only the items returned count, a
-missing one counts as a miss, and the number of such queries is reported as queries_short_of_k.
-"""
+"""Test accuracy and retrieval precision@k of a bundle on held-out photos, written to a JSON file. A query that
+gets fewer than k results counts each missing one as a miss (queries_short_of_k reports how many)."""
 import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 
+from training.distributed import pick_device
+from training.embedding import embed_items
 from visual_search.bundle import load_bundle
-from visual_search.catalogue import read_csv, subsample
 from visual_search.cli import HelpFormatter
-from visual_search.embedding import embed_items
-from visual_search.index import l2_normalize
-from visual_search.model import pick_device
+from visual_search.items import read_csv, subsample
+from visual_search.runtime import Runtime
 
+USAGE = """examples:
+  python -m training.evaluate --bundle runs/x/bundle --data-dir data/photos --queries runs/x/val.csv
+"""
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--bundle", required=True, help="bundle folder written by training.build_index")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--queries", required=True, help="CSV of held-out images (the run's val.csv)")
@@ -47,16 +44,15 @@ def main(argv=None):
     args = get_args(argv)
     bundle = load_bundle(args.bundle)
     queries = subsample(read_csv(args.queries), args.max_per_category, seed=1)
-    embeddings, logits = embed_items(bundle.model, args.data_dir, queries, bundle.categories, bundle.preprocess,
-                                     pick_device(args.device), args.batch_size, args.workers, desc="embedding queries")
-    if bundle.normalize:
-        embeddings = l2_normalize(embeddings)
+    runtime = Runtime(bundle, pick_device(args.device))
+    embeddings, probabilities = embed_items(runtime, args.data_dir, queries, bundle.categories, args.batch_size,
+                                            args.workers, desc="embedding queries")
     catalogue = bundle.catalogue
     found = [[n.category for n in hits.neighbours] for start in range(0, len(embeddings), 1024)
              for hits in catalogue.search(embeddings[start:start + 1024], args.k)]
     query_categories = np.array([it.category for it in queries])
     precision, per_category, short = retrieval_metrics(query_categories, found, args.k)
-    predicted = np.array(bundle.categories)[logits.argmax(axis=1)]
+    predicted = np.array(bundle.categories)[probabilities.argmax(axis=1)]
     results = {
         "queries": len(queries),
         "catalogue_items": catalogue.count,

@@ -1,13 +1,6 @@
-"""Train the ResNet-50 product classifier on a folder of photos sorted one folder per category.
-
-    python -m training.train --data-dir data/photos --out-dir runs/photos
-    torchrun --nproc-per-node 4 -m training.train --data-dir data/photos --out-dir runs/photos   # 4 GPUs, DDP
-
-Writes train.csv / val.csv (the seeded split), TensorBoard logs, last.pt every epoch and best.pt. Every photo is
-decoded once before training starts; unreadable ones stop the run, or with --skip-bad are left out and listed in
-bad-photos.csv. Under torchrun each process trains on its share of each epoch with DistributedDataParallel,
---batch-size is per process, and rank 0 alone writes the run folder (docs/distributed.md).
-"""
+"""Train the ResNet-50 product classifier on photos sorted one folder per category: the seeded split, TensorBoard
+logs, last.pt every epoch and best.pt. Photos are checked first (--skip-bad leaves bad ones out). Under torchrun
+each process trains its share with DistributedDataParallel (docs/distributed.md)."""
 import argparse
 import json
 import math
@@ -19,21 +12,56 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.models import ResNet50_Weights
 from tqdm import tqdm
 
-from visual_search import distributed
-from visual_search.catalogue import read_csv, scan_folder, split_items, subsample, write_csv
-from visual_search.checkpoint import load_checkpoint, save_checkpoint, write_atomically
+from training import distributed
+from training.checkpoint import load_checkpoint, save_checkpoint, save_state
+from training.dataset import ItemDataset, ShardSampler, make_loader
+from training.photo_check import BadPhotosError, check_photos
+from training.sync_batchnorm import convert_sync_batchnorm
 from visual_search.cli import HelpFormatter
-from visual_search.dataset import ItemDataset, ShardSampler, make_loader
-from visual_search.model import build_model
-from visual_search.photo_check import BadPhotosError, check_photos
+from visual_search.items import read_csv, scan_folder, split_items, subsample, write_csv
+from visual_search.model import ProductNet
 from visual_search.preprocessing import PreprocessSettings, eval_transform, train_transform
-from visual_search.sync_batchnorm import convert_sync_batchnorm
 
+USAGE = """examples:
+  python -m training.train --data-dir data/photos --out-dir runs/photos
+  torchrun --nproc-per-node 4 -m training.train --data-dir data/photos --out-dir runs/photos
+"""
+
+def load_backbone_weights(model, weights):
+    """`weights`: "imagenet" (torchvision's published weights, downloaded once), a local file, or "none"."""
+    if weights in (None, "none"):
+        return model
+    if weights == "imagenet":
+        try:
+            state = ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=True)
+        except OSError as error:  # URLError is an OSError
+            raise RuntimeError(
+                "could not download torchvision's ImageNet ResNet-50 weights (offline?). "
+                "Download resnet50-11ad3fa6.pth elsewhere and pass its path, or use --weights none. "
+                f"Cause: {error}"
+            ) from None
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit ResNet-50: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def build_model(num_categories, weights="none"):
+    return load_backbone_weights(ProductNet(num_categories), weights)
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--data-dir", required=True, help="folder with one sub-folder of images per category")
     p.add_argument("--out-dir", required=True, help="run folder: split, checkpoints, TensorBoard logs")
     p.add_argument("--val-fraction", type=float, default=0.3)
@@ -100,7 +128,7 @@ def write_first_step_report(ctx, path, model, loss):
     if ctx.is_main:
         module = model.module if isinstance(model, DistributedDataParallel) else model
         grads = {name: p.grad.detach().cpu().clone() for name, p in module.named_parameters()}
-        write_atomically(path, {"loss": mean_loss, "world_size": ctx.world_size, "grads": grads})
+        save_state(path, {"loss": mean_loss, "world_size": ctx.world_size, "grads": grads})
 
 
 def run_epoch(model, loader, criterion, ctx, optimizer=None, scheduler=None, desc="", report=None):

@@ -1,54 +1,29 @@
-"""The search bundle: the model, its manifest and the catalogue it searches, written together, checked together.
-
-    model.pt          ProductNet state dict (torch's zip format, loaded with weights_only=True)
-    manifest.json     categories, preprocessing, runtime settings, the weights' sha256, and the reference of the
-                      catalogue folder it was built for (visual_search.catalogue_store.catalogue_reference)
-    catalogue/        the catalogue folder (visual_search.catalogue_store), when it is bundled; a large catalogue
-                      lives outside the bundle and archive, named by the manifest or by model-config.yaml
-
-Where the catalogue is looked for, first match wins: the folder passed to load_bundle (model-config.yaml's
-handler.catalogue_dir; a relative path is taken under $VISUAL_SEARCH_CATALOGUES), <bundle>/catalogue, then the
-path the manifest recorded. Whichever it is, it must be the catalogue of the manifest's reference.
-"""
-import hashlib
+"""A bundle: model.pt (a state dict, loaded with weights_only=True), manifest.json (categories, preprocessing,
+runtime, the weights' sha256, the reference of its catalogue) and the catalogue folder, bundled or outside. This is
+the read side, checked at load; training.publish writes bundles."""
 import json
 import os
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import ARCHIVE_FORMAT_VERSION, EMBEDDING_DIM
-from .catalogue_build import publish_catalogue
-from .catalogue_files import CatalogueError, read_manifest as read_catalogue_manifest
-from .catalogue_store import catalogue_reference, open_catalogue
+from .catalogue import open_catalogue
+from .errors import BundleError, CatalogueError
+from .fileio import sha256_file
 from .model import ProductNet
 from .preprocessing import PreprocessSettings
 
 MODEL_FILE, MANIFEST_FILE, CATALOGUE_DIR = "model.pt", "manifest.json", "catalogue"
 BUNDLE_FILES = (MODEL_FILE, MANIFEST_FILE)
 CATALOGUES_ENV = "VISUAL_SEARCH_CATALOGUES"
-DEFAULT_RUNTIME = {"precision": "fp32", "channels_last": False, "compile": False, "gpu_decode": False}
-
-
-class BundleError(ValueError):
-    """The bundle is incomplete or inconsistent; the message says what does not match."""
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
 class Bundle:
     model: ProductNet
-    catalogue: object  # visual_search.catalogue_store.Catalogue
+    catalogue: object  # visual_search.catalogue.Catalogue
     manifest: dict
 
     @property
@@ -63,59 +38,6 @@ class Bundle:
     @property
     def normalize(self):
         return self.manifest["normalize_embeddings"]
-
-
-def write_bundle(out_dir, *, model, categories, preprocess, catalogue_dir, normalize, runtime=None, notes="",
-                 image_root=None):
-    """Writes model.pt and manifest.json for the catalogue folder `catalogue_dir` (already published: inside
-    out_dir as "catalogue" to bundle it, anywhere else to keep it outside). `image_root`, the folder the items'
-    image references are relative to, is recorded for later catalogue updates (training.update_catalogue)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    reference = catalogue_reference(catalogue_dir)
-    if reference["normalized"] != bool(normalize):
-        raise BundleError(f"{catalogue_dir} holds {'unit-length' if reference['normalized'] else 'raw'} vectors; "
-                          f"the bundle would embed queries {'unit-length' if normalize else 'raw'}")
-    bundled = Path(catalogue_dir).resolve() == (out_dir / CATALOGUE_DIR).resolve()
-    torch.save(model.state_dict(), out_dir / MODEL_FILE)
-    catalogue_manifest = read_catalogue_manifest(catalogue_dir)
-    manifest = {
-        "format_version": ARCHIVE_FORMAT_VERSION,
-        "embedding_dim": EMBEDDING_DIM,
-        "categories": list(categories),
-        "catalogue_categories": catalogue_manifest["categories"],
-        "num_items": reference["count"],
-        "index_profile": catalogue_manifest["profile"],
-        "index_factory": catalogue_manifest["factory"],
-        "normalize_embeddings": bool(normalize),
-        "preprocess": preprocess.to_dict(),
-        "runtime": {**DEFAULT_RUNTIME, **(runtime or {})},
-        "weights_sha256": sha256(out_dir / MODEL_FILE),
-        "catalogue": {**reference, "bundled": bundled, "path": CATALOGUE_DIR if bundled else reference["path"]},
-        "image_root": str(Path(image_root).resolve()) if image_root else None,
-        "torch_version": torch.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "notes": notes,
-    }
-    partial = out_dir / f".{MANIFEST_FILE}.partial"
-    partial.write_text(json.dumps(manifest, indent=2))
-    partial.replace(out_dir / MANIFEST_FILE)
-    return manifest
-
-
-def publish_bundle(out_dir, *, model, categories, preprocess, items, embeddings, normalize, catalogue_dir=None,
-                   profile=None, factory=None, search=None, runtime=None, notes="", image_root=None, progress=True):
-    """Publishes a catalogue from `embeddings` (a .npy path or an array, rows in `items` order) and writes the
-    bundle for it. The catalogue goes to <out_dir>/catalogue (bundled; replaced if there) or to `catalogue_dir`
-    (outside; written once, never replaced)."""
-    out_dir = Path(out_dir)
-    target = Path(catalogue_dir) if catalogue_dir else out_dir / CATALOGUE_DIR
-    if not catalogue_dir and target.exists():
-        shutil.rmtree(target)  # the bundle's own catalogue, rebuilt with it
-    publish_catalogue(target, embeddings, items, categories=categories, profile=profile, factory=factory,
-                      search=search, normalize=normalize, progress=progress, notes=notes)
-    return write_bundle(out_dir, model=model, categories=categories, preprocess=preprocess, catalogue_dir=target,
-                        normalize=normalize, runtime=runtime, notes=notes, image_root=image_root)
 
 
 def read_manifest(bundle_dir):
@@ -147,7 +69,7 @@ def catalogue_folder(bundle_dir, manifest, override=None):
 
 def load_model(bundle_dir, manifest, verify_checksum=True):
     path = Path(bundle_dir) / MODEL_FILE
-    if verify_checksum and sha256(path) != manifest.get("weights_sha256"):
+    if verify_checksum and sha256_file(path) != manifest.get("weights_sha256"):
         raise BundleError(f"{MODEL_FILE} does not match the checksum in {MANIFEST_FILE}")
     categories = manifest["categories"]
     state = torch.load(path, map_location="cpu", weights_only=True)

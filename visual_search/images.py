@@ -10,22 +10,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import InputError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MAX_PIXELS = 40_000_000  # about 6300x6300; larger uploads are refused, not decoded
 PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}  # TIFF's associated alpha
-
-
-class InputError(ValueError):
-    """A request we cannot answer; `reason` goes back to the client with HTTP `status`.
-
-    `label` is a short stable name for the kind of rejection (the metrics' Reason dimension).
-    """
-
-    def __init__(self, reason, status=400, label="bad_request"):
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.label = label
 
 
 def to_rgb(image):

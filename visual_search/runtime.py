@@ -1,20 +1,12 @@
-"""The serving fast path, set by the archive's manifest "runtime" section and applied at load time.
-
-    precision      "fp32", "fp16" or "bf16" (half precisions apply on CUDA only; fp16 keeps the top-4 of fp32,
-                   bf16 loses near-ties: see docs/gpu-fast-path.md)
-    channels_last  NHWC weights and inputs
-    compile        torch.compile, done at load time with warm-up batches, not on the first request
-    gpu_decode     JPEG bodies decoded as one batch by torchvision.io.decode_jpeg on CUDA; other formats via PIL
-
-The catalogue is searched on the CPU, memory-mapped and shared by every worker (visual_search.catalogue_store);
-on a GPU host only the model runs on the GPU.
-"""
+"""The model at serving time, as the archive's "runtime" section sets it (precision, channels_last, compile,
+gpu_decode; half precisions and GPU decoding on CUDA only), with its share of the CPUs and a bounded batch decoder.
+`prepare` turns a batch of rows into a Prepared batch, `embed` runs the model. See docs/performance.md."""
 import io
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -25,10 +17,10 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from .catalogue.vectors import l2_normalize
 from .images import InputError, decode_image
-from .index import l2_normalize
 from .preprocessing import eval_transform
-from .service_io import Limits, parse_query
+from .request import Limits, parse_query
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -101,9 +93,16 @@ def count_workers():
     try:
         parent = psutil.Process().parent()
         siblings = parent.children() if parent is not None else []
-        return max(1, sum(1 for p in siblings if any(arg.endswith(WORKER_SCRIPT) for arg in p.cmdline())))
     except psutil.Error:
         return 1
+    return max(1, sum(1 for process in siblings if runs_worker(process)))
+
+
+def runs_worker(process):
+    try:
+        return any(arg.endswith(WORKER_SCRIPT) for arg in process.cmdline())
+    except psutil.Error:  # gone, a zombie, or not ours to read
+        return False
 
 
 def share_cores(workers, threads=None):
@@ -137,7 +136,7 @@ class CoreShare:
 
 
 DEVICE_DECODE_MAX_PIXELS = 12_000_000  # larger JPEGs are decoded by PIL, at 1/2, 1/4 or 1/8 scale (draft)
-DEVICE_CHUNK_PIXELS = 64_000_000  # decoded pixels on the device at once: about 192 MB as uint8
+DEVICE_CHUNK_PIXELS = 64_000_000  # decoded pixels on the device at once (3 bytes each as uint8)
 
 
 @dataclass(frozen=True)
@@ -184,21 +183,30 @@ def pixel_chunks(jpegs, budget=DEVICE_CHUNK_PIXELS):
         yield chunk
 
 
-class Runtime:
-    """Model and preprocessing with the fast-path settings applied, and the catalogue; `embed` is the hot path."""
+@dataclass
+class Prepared:
+    """One TorchServe batch, parsed and decoded: per row a Query or an error, and the photos as one tensor."""
+    queries: list  # Query or None per row
+    errors: list  # InputError or None per row
+    batch: torch.Tensor = None  # [n, 3, S, S], the photos of the rows in photo_rows
+    photo_rows: dict = field(default_factory=dict)  # row -> its position in `batch`
 
-    def __init__(self, bundle, device="cpu", settings=None, warmup_batch=0):
+
+class Runtime:
+    """A model and its preprocessing with the runtime settings applied; `embed` is the hot path. `source` is a Bundle
+    or a TrainedModel: anything with model, preprocess and normalize."""
+
+    def __init__(self, source, device="cpu", settings=None, warmup_batch=0):
         self.device = torch.device(device)
         self.settings = settings or RuntimeSettings()
         self.dtype = PRECISIONS[self.settings.precision]
         self.memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
-        self.normalize = bundle.normalize
-        self.image_size = bundle.preprocess.image_size
-        self.transform = eval_transform(bundle.preprocess)
-        model = bundle.model.to(self.device, self.dtype).eval().to(memory_format=self.memory_format)
+        self.normalize = source.normalize
+        self.image_size = source.preprocess.image_size
+        self.transform = eval_transform(source.preprocess)
+        model = source.model.to(self.device, self.dtype).eval().to(memory_format=self.memory_format)
         forward = model.embed_and_classify
         self.forward = torch.compile(forward) if self.settings.compile else forward
-        self.catalogue = bundle.catalogue
         # each image is shrunk towards the input size as it is decoded, so a batch never holds full-size images
         self.decode_images = partial(jpeg_or_image if self.settings.gpu_decode else decode_image,
                                      size=self.image_size)
@@ -214,8 +222,8 @@ class Runtime:
         return time.perf_counter() - start
 
     def prepare(self, rows, headers, limits=Limits(), skip=()):
-        """(queries, errors, batch) for one TorchServe batch: a Query or an InputError per row, None for the rows
-        in `skip`; `batch` stacks the tensors of the valid rows that sent a photo, in their order, or is None."""
+        """A Prepared batch: a Query or an InputError per row (None for the rows in `skip`), and one tensor stacking
+        the photos of the valid rows that sent one, in their order."""
         queries, errors = [None] * len(rows), [None] * len(rows)
         for i, (row, row_headers) in enumerate(zip(rows, headers)):
             if i in skip:
@@ -225,12 +233,15 @@ class Runtime:
             except InputError as error:
                 errors[i] = error
         photos = [i for i, query in enumerate(queries) if query is not None and query.image is not None]
-        tensors = self.to_tensors([queries[i].image for i in photos])
-        for i, tensor in zip(photos, tensors):
+        photo_rows, kept = {}, []
+        for i, tensor in zip(photos, self.to_tensors([queries[i].image for i in photos])):
             if isinstance(tensor, InputError):
                 queries[i], errors[i] = None, tensor
-        kept = [tensor for tensor in tensors if not isinstance(tensor, InputError)]
-        return queries, errors, torch.stack(kept).as_subclass(torch.Tensor) if kept else None
+            else:
+                photo_rows[i] = len(kept)
+                kept.append(tensor)
+        batch = torch.stack(kept).as_subclass(torch.Tensor) if kept else None
+        return Prepared(queries, errors, batch, photo_rows)
 
     def to_tensors(self, images):
         """PIL images and Jpegs -> one normalised [3, S, S] tensor on the device each, or the InputError of an image

@@ -1,15 +1,6 @@
-"""The web front: the search page, the catalogue's images, and searches forwarded to TorchServe.
-
-    python -m web --images data/fashion-mnist/images            # http://127.0.0.1:8090
-    python -m web --images DIR --state-dir .torchserve --model visual-search --port 8090 --versions 2.0
-
-The browser talks to this server only. The front holds TorchServe's inference key only and makes no management
-call: it offers the default version, plus the versions that --versions allows, and refuses any other.
-
-Routes: GET / (the page), /static/* (its script and style), /images/<reference> (images of items in the answers
-the front forwarded, from the catalogue folder only), /api/config, /api/versions, POST /api/search (multipart:
-image or listing, k, category, version), /healthz. A POST from another site's page is refused.
-"""
+"""The web front: the search page, the images of answered items, and searches forwarded to TorchServe with the
+inference key, which the browser never sees. It offers the default version plus those --versions allows, makes
+no management call, and refuses a POST from another site. See docs/web.md."""
 import argparse
 import ipaddress
 import sys
@@ -24,11 +15,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from serving.torchserve import ROOT
-from web.catalogue_files import DEFAULT_REMEMBERED, ServableImages, answer_items, image_url, resolve_image
-from web.limits import BodyLimit, BodyTooLarge, SameOrigin, SecurityHeaders, normal_origin
+from serving.torchserve import DEFAULT_STATE, ROOT
+from visual_search.cli import HelpFormatter
+from web.images import DEFAULT_REMEMBERED, ServableImages, answer_items, image_url, resolve_image
+from web.middleware import BodyLimit, BodyTooLarge, SameOrigin, SecurityHeaders, normal_origin
 from web.torchserve_client import Endpoints, InferenceClient, TorchServeUnavailable
 from web.versions import ModelStore, NotOffered, Versions, parse_versions
+
+USAGE = """examples:
+  python -m web --images data/fashion-mnist/images            # http://127.0.0.1:8090
+  python -m web --images DIR --state-dir .torchserve --model visual-search --port 8090 --versions 2.0
+"""
 
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_IMAGES = ROOT / "data" / "fashion-mnist" / "images"
@@ -40,7 +37,7 @@ FORM_FIELDS = ("image", "listing", "k", "category", "version")
 @dataclass
 class Settings:
     images: Path
-    state_dir: Path = ROOT / ".torchserve"
+    state_dir: Path = DEFAULT_STATE
     model: str = "visual-search"
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     timeout: float = 120.0
@@ -187,12 +184,12 @@ def positive_int(text):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m web", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m web", description=__doc__, epilog=USAGE,
+                                formatter_class=HelpFormatter)
     p.add_argument("--images", default=str(DEFAULT_IMAGES),
                    help="the catalogue image folder that the answers' image references are relative to "
                         "(default: the demo's, data/fashion-mnist/images)")
-    p.add_argument("--state-dir", default=str(ROOT / ".torchserve"),
+    p.add_argument("--state-dir", default=str(DEFAULT_STATE),
                    help="TorchServe's state folder: key_file.json (its inference entry only) and the "
                         "config.properties with the inference address and the model store")
     p.add_argument("--model", default="visual-search", help="the model name in TorchServe")

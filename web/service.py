@@ -1,12 +1,5 @@
-"""Run the web front in the background beside TorchServe (what `make serve` and `make stop` use).
-
-    python -m web.service start [--images DIR] [--port 8090] ...   # waits until the page answers, prints its address
-    python -m web.service status
-    python -m web.service stop
-
-Its pid file and log are web.pid and web.log in TorchServe's state folder (--state-dir, default .torchserve).
-The options after the action are those of `python -m web` (see python -m web --help).
-"""
+"""Run the web front in the background beside TorchServe (what `make serve` and `make stop` use); its pid file and
+log are web.pid and web.log in TorchServe's state folder. Options after the action are those of `python -m web`."""
 import argparse
 import os
 import signal
@@ -19,10 +12,17 @@ from pathlib import Path
 import httpx
 
 from serving.torchserve import ROOT
+from visual_search.cli import HelpFormatter
 from web.app import get_args as app_args
 
 PID_FILE, LOG_FILE = "web.pid", "web.log"
 
+
+USAGE = """examples:
+  python -m web.service start [--images DIR] [--port 8090] ...
+  python -m web.service status
+  python -m web.service stop
+"""
 
 def running_pid(state_dir):
     """The pid of the front started from `state_dir`, if it still runs (and is still ours)."""
@@ -92,8 +92,8 @@ def stop(state_dir):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m web.service", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m web.service", description=__doc__, epilog=USAGE,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("action", choices=["start", "stop", "status"])
     action, rest = parser.parse_known_args(argv)
     options = app_args(rest)  # the front's own options, checked here before it starts

@@ -1,19 +1,13 @@
-"""Forwarding searches to TorchServe's inference API, with the inference key kept on the server side.
-
-The front holds the inference key only: the `inference` entry of TorchServe's key_file.json. When TorchServe
-refuses it (keys expire after token_expiration_min, 60 minutes by default), the client reads the key file again and
-retries once with the newer key it finds there. It renews no key itself: whoever runs TorchServe does, and
-TorchServe rewrites the key file. A refused key that the file still holds is a 502 with that reason.
-"""
+"""Searches forwarded to TorchServe's inference API with the inference key, read from key_file.json and read again
+once when TorchServe refuses it; the front renews no key itself (serving.serve keeps them fresh)."""
 import io
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from serving.torchserve import DEFAULT_CONFIG, ROOT, read_properties
+from serving.torchserve import DEFAULT_CONFIG, ROOT, TorchServeError, is_refused_token, read_key, read_properties
 
 
 class TorchServeUnavailable(RuntimeError):
@@ -42,15 +36,9 @@ class Endpoints:
 def read_inference_key(key_file):
     """The `inference` entry's key; nothing else of the file is kept."""
     try:
-        return json.loads(Path(key_file).read_text())["inference"]["key"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise TorchServeUnavailable(f"cannot read the inference key from {key_file} ({error.__class__.__name__}): "
-                                    f"is TorchServe running from that state folder?") from None
-
-
-def is_refused_token(response):
-    return response.status_code in (400, 401) and (
-        "InvalidKeyException" in response.text or "Token Authorization failed" in response.text)
+        return read_key(key_file, "inference")
+    except TorchServeError as error:
+        raise TorchServeUnavailable(str(error)) from None
 
 
 class InferenceKey:

@@ -1,22 +1,12 @@
-"""The versions the page offers, read-only: TorchServe's default version, and the versions the operator allows
-(`--versions`), each with the categories (for the filter) and the k range from its archive.
-
-No management call: the default version is the one TorchServe answers /predictions/<model> with (every answer
-says `model_version`). The front learns it from the answers it forwards, and asks with a small search when it has
-seen none for `ttl` seconds. The categories and k bounds come from the version's archive in the model store
-(manifest.json and model-config.yaml, read without unpacking the rest); when there is none, the categories fall back
-to the catalogue image folder's sub-folders, which are the categories by the catalogue's layout.
-
-A request for any other version is refused from this list alone, without calling TorchServe.
-"""
-import json
+"""The versions the page offers: TorchServe's default (learned from the model_version of answers, or asked with a
+small search) and those --versions allows, each with the categories and k bounds of its archive. Any other
+version is refused from this list alone, without calling TorchServe."""
 import re
 import threading
 import time
-import zipfile
 from pathlib import Path
 
-import yaml
+from serving.torchserve import TorchServeError, read_archive
 
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -38,25 +28,20 @@ def parse_versions(text):
     return list(dict.fromkeys(versions))
 
 
-def read_archive(path):
+def offer_of(path):
     """((model name, version), facts) of an archive in the model store; (None, {}) when unreadable.
 
     facts: {"categories", "items", "default_k", "max_k"}."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            model = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]
-            config_name = model.get("configFile")
-            manifest = json.loads(archive.read("manifest.json"))
-            config = yaml.safe_load(archive.read(config_name)) if config_name else {}
-        identity = (str(model["modelName"]), str(model["modelVersion"]))
-        handler = (config or {}).get("handler") or {}
-        items = int(manifest.get("num_items", 0))
+        archive = read_archive(path)
+        handler = archive.config.get("handler") or {}
+        items = int(archive.manifest.get("catalogue", {}).get("count", 0))
         default_k, max_k = int(handler.get("default_k", 4)), int(handler.get("max_k", 100))
-    except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile, yaml.YAMLError):
+    except (TorchServeError, TypeError, ValueError, AttributeError):
         return None, {}
-    categories = manifest.get("catalogue_categories") or manifest.get("categories", [])  # the filter's choices
-    return identity, {"categories": [str(c) for c in categories], "items": items, "default_k": default_k,
-                      "max_k": min(max_k, items) if items else max_k}
+    categories = archive.catalogue.get("categories") or archive.manifest.get("categories", [])  # filter choices
+    return (archive.name, archive.version), {"categories": [str(c) for c in categories], "items": items,
+                                             "default_k": default_k, "max_k": min(max_k, items) if items else max_k}
 
 
 def folder_categories(images_dir):
@@ -71,7 +56,7 @@ class ModelStore:
 
     def __init__(self, folder, model):
         self.folder, self.model = Path(folder), model
-        self._read = {}  # (path, mtime, size) -> read_archive's answer
+        self._read = {}  # (path, mtime, size) -> offer_of's answer
         self._lock = threading.Lock()
 
     def facts(self, version):
@@ -88,7 +73,7 @@ class ModelStore:
                 except OSError:
                     continue
                 key = (str(path), stat.st_mtime_ns, stat.st_size)
-                seen[key] = self._read.get(key) or read_archive(path)
+                seen[key] = self._read.get(key) or offer_of(path)
                 identity, facts = seen[key]
                 if identity == (self.model, version):
                     found = facts

@@ -1,23 +1,6 @@
-"""The image's health check and the pods' readiness check: /ping, and a READY worker for every model.
-
-    python deploy/container/healthcheck.py                      # state in /var/lib/visual-search (the image's)
-    python deploy/container/healthcheck.py --state-dir .torchserve
-    python deploy/container/healthcheck.py --url http://127.0.0.1:8080   # Kubernetes: no token, default ports
-
-TorchServe 0.12 answers /ping with 200 {"status": "Healthy"} while a model's worker is still loading, so /ping
-alone would let traffic in before the model and the catalogue are loaded. This check also asks the management
-API, on loopback inside the container, that every registered model's default version has a READY worker.
-
-TorchServe 0.12 checks the token on /ping and on management too. The addresses come from the state folder's
-config.properties (written by serving.serve) and the keys from its key_file.json; a TorchServe without a key
-file (token authorization off, as in deploy/storage/config/config.properties) is asked without one. When
-TorchServe refuses a key (they expire after token_expiration_min, 60 minutes by default), the check asks for a
-new one with the API key, as serving.manage does: TorchServe rewrites key_file.json, where clients read the
-current key.
-
-Exit status 0 when healthy, else 1, with one line saying why.
-Standard library only: it runs every few seconds, and must not need the project on the path.
-"""
+"""The image's health check and the pods' readiness check: /ping, then a READY worker for every model's default
+version (TorchServe 0.12 answers /ping while the model still loads). Keys from the state folder, renewed when
+refused; none when token authorization is off. Standard library only. Exit 0 when healthy, else 1 with a reason."""
 import argparse
 import json
 import sys
@@ -26,13 +9,18 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+USAGE = """examples:
+  python deploy/container/healthcheck.py                      # state in /var/lib/visual-search (the image's)
+  python deploy/container/healthcheck.py --url http://127.0.0.1:8080
+"""
+
 DEFAULT_STATE = "/var/lib/visual-search"
 DEFAULT_INFERENCE = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--state-dir", default=DEFAULT_STATE, help="serving.serve's state folder")
     p.add_argument("--url", default=None, help="inference address (default: from the state folder's config)")
     p.add_argument("--management-url", default=None,
@@ -67,7 +55,7 @@ def read_keys(key_file):
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as error:
-        raise SystemExit(f"unhealthy: cannot read {key_file}: {error}")
+        raise SystemExit(f"unhealthy: cannot read {key_file}: {error}") from None
     return {name: entry["key"] for name, entry in data.items() if isinstance(entry, dict) and "key" in entry}
 
 

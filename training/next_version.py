@@ -1,55 +1,36 @@
-"""Catalogue updates without retraining, each packed as the next version of the same model.
-
-    python -m training.update_catalogue --name visual-search --bundle runs/demo/bundle \
-        --data-dir data/fashion-mnist/images                                               # record it as v1
-    python -m training.update_catalogue --name visual-search --add data/new_photos         # old + new items
-    python -m training.update_catalogue --name visual-search --remove sku-17 sku-18
-    python -m training.update_catalogue --name visual-search --checkpoint runs/new/best.pt
-
-One rule for image references: every item's reference is relative to ONE catalogue image folder (--data-dir:
-the folder the catalogue was indexed from), e.g. "coat/fmnist-train-09615.png", or a URL made with --image-prefix.
---data-dir is recorded with each version, so later runs need it only to change it; a bundle that recorded its
-image folder (manifest "image_root") supplies it too.
-
-The source is the bundle of the latest recorded version (or --bundle). --add and --remove update its catalogue
-folder in place (visual_search.catalogue_build.update_catalogue): only the new photos are embedded, with the
-source's weights; the old items keep their stored vectors and the index keeps its trained quantizer, so the time
-is proportional to the change. --add takes a folder laid out like the catalogue (<category>/<image>) and copies
-its photos into the catalogue image folder as <category>/<file> (it never overwrites a different file). --remove
-takes items out by id (or --remove-file, one id a line); a removed id is never answered by the new version.
---checkpoint re-embeds every item with retrained weights, reading the images from the catalogue image folder, and
-publishes a fresh catalogue with the source's index profile.
-
-The new catalogue folder is bundled (<new bundle>/catalogue) when the source's is, else written outside again,
-beside the source's catalogue folder as <its parent>/<name>-v<N>. The source's folders are never touched. The new
-bundle is packed as <model store>/<name>-v<N>.mar with version N.0, and recorded in
-<model store>/<name>.versions.json: the change, item count, weights checksum, catalogue uid and manifest checksum,
-catalogue folder, image folder, build time. Options this tool does not know go to serving.build_archive (e.g.
---max-batch-delay 20) and are kept for the next versions, except --catalogue-dir, which names one version's
-catalogue on the serving hosts. Register the archive with `python -m serving.manage register <name>-v<N>.mar`.
-"""
+"""The next version of a model without retraining (--add, --remove: only new photos are embedded, the index keeps
+its quantizer) or with retrained weights (--checkpoint), packed as <name>-v<N>.mar and recorded in
+<model store>/<name>.versions.json. Image references are relative to one catalogue image folder (--data-dir,
+recorded with each version). Unknown options go to serving.build_archive. See docs/versions.md."""
 import argparse
 import filecmp
 import json
 import shutil
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from serving.build_archive import main as build_archive
-from serving.management import write_json
-from serving.torchserve import ROOT
+from serving.torchserve import MODEL_STORE
 from training.build_index import EMBEDDINGS_FILE, embed_catalogue_to_file
-from visual_search.bundle import (CATALOGUE_DIR, MANIFEST_FILE, BundleError, catalogue_folder, load_bundle,
-                                  publish_bundle, write_bundle)
-from visual_search.catalogue import scan_folder
-from visual_search.catalogue_build import update_catalogue
-from visual_search.checkpoint import load_checkpoint, model_from_checkpoint
-from visual_search.distributed import Context
-from visual_search.model import pick_device
-from visual_search.photo_check import check_photos
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.distributed import Context, pick_device
+from training.photo_check import check_photos
+from training.publish import publish_bundle, write_bundle
+from visual_search.bundle import CATALOGUE_DIR, MANIFEST_FILE, catalogue_folder, load_bundle
+from visual_search.catalogue.build import update_catalogue
+from visual_search.cli import HelpFormatter
+from visual_search.errors import BundleError
+from visual_search.fileio import utc_now, write_json
+from visual_search.items import scan_folder
+
+USAGE = """examples:
+  python -m training.next_version --name visual-search --bundle runs/demo/bundle --data-dir data/fashion-mnist/images
+  python -m training.next_version --name visual-search --add data/new_photos
+  python -m training.next_version --name visual-search --remove sku-17 sku-18
+  python -m training.next_version --name visual-search --checkpoint runs/new/best.pt
+"""
 
 ADDED_EMBEDDINGS_FILE = "added-embeddings.npy"  # beside the new bundle: the vectors of the added photos
 NOT_REMEMBERED = ("--catalogue-dir",)  # archive options that name one version's catalogue, not the next one's
@@ -57,10 +38,10 @@ SHOWN_IDS = 10  # ids named in a recorded change
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--name", default="visual-search", help="model name (unchanged across versions)")
-    p.add_argument("--model-store", default=str(ROOT / "model_store"))
+    p.add_argument("--model-store", default=str(MODEL_STORE))
     p.add_argument("--bundle", default=None, help="source bundle (default: the latest recorded version's)")
     p.add_argument("--add", default=None, help="folder of new photos, <category>/<image file>")
     p.add_argument("--image-prefix", default=None, help="put before each new item's <category>/<file> to make "
@@ -130,12 +111,12 @@ def pack(args, record, bundle_dir, manifest, change, archive_options, data_dir):
         "catalogue_manifest_sha256": reference["manifest_sha256"],
         "catalogue_dir": str(catalogue_folder(bundle_dir, manifest).resolve()),
         "bundled": bool(reference.get("bundled")),
-        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "bundle": str(Path(bundle_dir).resolve()),
+        "built": utc_now(), "bundle": str(Path(bundle_dir).resolve()),
         "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
         "archive_options": remembered(archive_options),
     }
     record["versions"].append(entry)
-    write_json(record_path(args), record)
+    write_json(record_path(args), record, replace=True)
     where = "bundled" if entry["bundled"] else f"outside, in {entry['catalogue_dir']}"
     print(f"version {version}: {change} ({entry['items']} items, catalogue {where}) -> "
           f"{Path(args.model_store) / entry['archive']}")

@@ -1,39 +1,18 @@
-"""The FAISS catalogue index: profiles by catalogue size, search parameters as data, FAISS's own file format.
-
-A profile is a recommended index_factory string for a catalogue size together with its search-time parameters:
-
-    exact      Flat: exact L2 search, 8 KiB per item in RAM. Up to 50,000 items.
-    accurate   IVF<nlist>,SQ8: 8-bit codes (2 KiB per item), re-ranked against the stored float vectors.
-    compact    PCA256,IVF<nlist>,SQ8: 256-d 8-bit codes (264 B per item with the id), with a longer shortlist
-               re-ranked against the stored float vectors, which stay on disk (memory-mapped).
-
-Search parameters are a dict stored beside the index (the catalogue manifest) and applied when it is opened:
-
-    nprobe              IVF lists visited per query
-    efSearch            HNSW candidate list length (HNSW factories)
-    quantizer_efSearch  efSearch of an HNSW coarse quantizer (IVF<n>_HNSW32 factories)
-    k_factor            the shortlist is k * k_factor candidates, re-ranked by exact distance (approximate codes)
-    filter_factor       a category-filtered IVF search scans filter_factor times as many matching items as an
-                        unfiltered one scans items (the nearest items of a category are spread over more lists)
-"""
+"""The FAISS index: profiles by catalogue size (exact Flat, accurate IVF+SQ8, compact PCA256+IVF+SQ8), search
+parameters as data applied at open (nprobe, efSearch, quantizer_efSearch, k_factor, filter_factor), FAISS's own
+file format. docs/large-catalogues.md explains each profile and parameter."""
 import math
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
-from . import EMBEDDING_DIM
+from .. import EMBEDDING_DIM
 
 SEARCH_PARAM_NAMES = ("nprobe", "efSearch", "quantizer_efSearch", "k_factor", "filter_factor")
 EXACT_UP_TO = 50_000  # items; above this the "accurate" profile is recommended
 ACCURATE_UP_TO = 10_000_000  # items; above this the "compact" profile is recommended
 HNSW_QUANTIZER_FROM = 65_536  # lists; at and above this the coarse quantizer is an HNSW graph
-
-
-def l2_normalize(vectors):
-    """Unit-length rows, so that L2 ranking equals cosine ranking."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- profiles
@@ -213,7 +192,7 @@ def save_index(index, path):
 
 # ---------------------------------------------------------------------------------------------- opening
 
-MMAP_FLAGS = {  # what each flag really maps in faiss 1.15.1 (measured: docs/large-catalogues.md)
+MMAP_FLAGS = {  # what each flag maps in faiss 1.15.1 (docs/large-catalogues.md)
     "IO_FLAG_MMAP": faiss.IO_FLAG_MMAP,  # IVF inverted lists (array lists), read-only and shared; not Flat codes
     "IO_FLAG_MMAP_IFC": faiss.IO_FLAG_MMAP_IFC,  # IndexFlatCodes storage (Flat and its id map) and IVF lists
 }
@@ -237,7 +216,7 @@ def open_index(path, mmap_flag=None):
         lists = faiss.downcast_InvertedLists(ivf.invlists)
         if isinstance(lists, faiss.OnDiskInvertedLists):
             # IO_FLAG_MMAP serves the lists as OnDiskInvertedLists, which by default starts 32 prefetch threads
-            # on every search: 10x slower at nprobe 8 (measured). The pages are in the page cache anyway.
+            # on every search, which slows small searches down; the pages are in the page cache anyway.
             lists.prefetch_nthread = 0
     return index
 

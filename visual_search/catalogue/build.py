@@ -1,63 +1,37 @@
-"""Writing catalogue folders: publish from embeddings on disk, update in place, re-index with another profile.
-
-    publish_catalogue(out, "embeddings.npy", items, categories=..., profile="accurate")
-    update_catalogue(old, new, add_items=[...], add_embeddings="new.npy", remove_ids=["sku-1"])
-    reindex_catalogue(old, new, profile="compact")
-
-Memory stays bounded: embeddings are read in chunks with pread (never mapped whole), the quantizer is trained on a
-sample, vectors are added in chunks. What stays in RAM is the index being built (its codes: 2 KiB per item for
-"accurate", 8 KiB for "exact") and one int16 per item.
-
-Every folder is built beside its final name and renamed into place when complete, so a half-written catalogue is
-never seen. Files are made read-only. An update never touches the old folder: its vector segments are shared by
-hard links, and the index and items files are copied and edited.
-"""
+"""Writing catalogue folders: publish from embeddings, update in place (vectors shared by hard links, the quantizer
+kept), re-index with another profile. Memory stays bounded (chunks read with pread, training on a sample). Each
+folder is built under a unique staging name, fsynced and renamed into place: a half-written one is never seen."""
 import os
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
 import numpy as np
 from tqdm import tqdm
 
-from . import EMBEDDING_DIM
-from .catalogue_files import (CATEGORIES_FILE, FORMAT, FORMAT_VERSION, INDEX_FILE, ITEMS_FILE, LISTS_FILE,
-                              MANIFEST_FILE, CatalogueError, file_record, write_manifest)
-from .catalogue_filters import (bitmap_bytes, category_bitmaps, codes_from_bitmaps, list_category_counts,
-                                set_bits)
-from .catalogue_store import open_catalogue
-from .index import (flat_codes, ivf_of, mmap_flag_for, new_index, open_index, plan_index, reserve, save_index,
-                    train_rows)
-from .item_store import create_items, update_items
-from .vector_store import RowReader, Segment, SegmentWriter, clean_rows, segment_name
+from .. import EMBEDDING_DIM
+from ..errors import CatalogueError
+from ..fileio import staging_folder, utc_now
+from .filters import bitmap_bytes, category_bitmaps, codes_from_bitmaps, list_category_counts, set_bits
+from .index import flat_codes, ivf_of, mmap_flag_for, new_index, open_index, plan_index, reserve, save_index, train_rows
+from .items_db import create_items, update_items
+from .manifest import (
+    CATEGORIES_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    ITEMS_FILE,
+    LISTS_FILE,
+    MANIFEST_FILE,
+    file_record,
+    write_manifest,
+)
+from .store import open_catalogue
+from .vectors import RowReader, Segment, SegmentWriter, clean_rows, segment_name
 
 CHUNK_ROWS = 8192
-
-
-def now():
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-@contextmanager
-def build_folder(out_dir):
-    """A private folder beside `out_dir`, renamed to it on success and removed on failure."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists: a catalogue folder is written once; choose a new name")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def finish(folder, manifest, reused=None, progress=True):
@@ -129,7 +103,7 @@ def publish_catalogue(out_dir, embeddings, items, *, categories=None, profile=No
     plan = plan_index(count, profile, factory, search)
     timings = {}
     try:
-        with build_folder(out_dir) as tmp:
+        with staging_folder(out_dir) as tmp:
             items_uid, started = uuid.uuid4().hex, time.perf_counter()
             codes = np.full(count, -1, dtype=np.int16)
             create_items(tmp / ITEMS_FILE, _item_rows(items, codes_of, codes, count), {"uid": items_uid,
@@ -162,11 +136,13 @@ def publish_catalogue(out_dir, embeddings, items, *, categories=None, profile=No
             timings["write_index"] = time.perf_counter() - started
             manifest = {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "uid": uuid.uuid4().hex, "items_uid": items_uid,
-                "version": 1, "parent": None, "created": now(), "change": f"published {count} items", "notes": notes,
+                "version": 1, "parent": None, "created": utc_now(), "change": f"published {count} items",
+                "notes": notes,
                 "count": count, "dim": EMBEDDING_DIM, "normalized": bool(normalize), "metric": "L2",
                 "categories": categories, "category_counts": category_counts, "key_space": count,
                 **plan.to_dict(), "mmap_flag": flag,
-                "training": {"rows": rows, "catalogue_items": count, "seed": seed, "seconds": round(timings.get("train", 0), 2)},
+                "training": {"rows": rows, "catalogue_items": count, "seed": seed,
+                             "seconds": round(timings.get("train", 0), 2)},
                 "changed_since_training": 0,
                 "segments": [Segment(segment_name(0), 0, count).to_dict()],
                 "build_seconds": {k: round(v, 2) for k, v in timings.items()},
@@ -194,7 +170,7 @@ def _item_rows(items, codes_of, codes, count):
 
 def _derived(source_manifest, change, notes):
     manifest = {key: value for key, value in source_manifest.items() if key not in ("files", "build_seconds")}
-    manifest.update(uid=uuid.uuid4().hex, version=int(source_manifest.get("version", 1)) + 1, created=now(),
+    manifest.update(uid=uuid.uuid4().hex, version=int(source_manifest.get("version", 1)) + 1, created=utc_now(),
                     change=change, notes=notes,
                     parent={"uid": source_manifest["uid"], "version": source_manifest.get("version")})
     return manifest
@@ -243,7 +219,7 @@ def update_catalogue(source_dir, out_dir, *, add_items=(), add_embeddings=None, 
                                              f"added {added}" if added else "") if part) + " item(s)"
         manifest = _derived(old, change, notes)
         timings = {}
-        with build_folder(out_dir) as tmp:
+        with staging_folder(out_dir) as tmp:
             started = time.perf_counter()
             segments = list(old["segments"])
             for segment in segments:
@@ -360,7 +336,7 @@ def reindex_catalogue(source_dir, out_dir, *, profile=None, factory=None, search
         plan = plan_index(len(keys), profile, factory, search)
         manifest = _derived(old, f"re-indexed as {plan.profile} ({plan.factory})", notes)
         timings = {}
-        with build_folder(out_dir) as tmp:
+        with staging_folder(out_dir) as tmp:
             for name in [ITEMS_FILE, CATEGORIES_FILE, *(s["file"] for s in old["segments"])]:
                 link_or_copy(source.folder / name, tmp / name)
             index = new_index(plan.factory)

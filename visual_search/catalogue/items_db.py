@@ -1,11 +1,5 @@
-"""Item metadata in SQLite: key -> (id, category code, image reference), looked up only for the rows answered.
-
-    items(key INTEGER PRIMARY KEY, id TEXT UNIQUE, category INTEGER, image TEXT)
-    meta(name TEXT PRIMARY KEY, value TEXT)      uid and count of the catalogue version the file belongs to
-
-Workers open it read-only and immutable (no locks, no journal), with SQLite reading through mmap: the pages live
-once in the page cache, shared by every worker, instead of hundreds of bytes of Python objects per item each.
-"""
+"""items.sqlite: key -> (id, category code, image reference), and meta (uid, count). Workers open it read-only and
+immutable, read through mmap: the pages live once in the page cache, shared by every worker."""
 import sqlite3
 from pathlib import Path
 

@@ -1,22 +1,12 @@
-"""The catalogue folder's manifest and file integrity: a full checksum once at publish, a cheap check at every open.
-
-    catalogue.json    format, counts, categories, index plan, segments, and for every file its size, sha256
-                      and sampled fingerprint
-
-The cheap check (check_files), run by every worker at open, reads the manifest, stats each file and hashes
-16 blocks of 4 KiB spread over it (plus its size). It refuses a missing file, a truncated or extended one, and a
-file swapped in from another version or catalogue (its sampled bytes differ). It does NOT see a change that keeps
-the size and misses every sampled block, such as a few flipped bits in the middle of a file (disk corruption, a
-partial overwrite): the full sha256 (verify_files, `python -m visual_search.catalogue_cli verify`) finds those.
-Run it once where the catalogue is published and after copying it to another host; the files are read-only and
-never rewritten in place, so a file that verified once stays what it was.
-"""
+"""catalogue.json: the catalogue folder's manifest, and file integrity (a full sha256 once at publish, a cheap
+sampled check at every open, which misses a change that keeps the size and every sampled block: run `verify`)."""
 import hashlib
 import json
 import os
 from pathlib import Path
 
-from tqdm import tqdm
+from ..errors import CatalogueError
+from ..fileio import sha256_file, write_json
 
 FORMAT = "visual-search-catalogue"
 FORMAT_VERSION = 1
@@ -26,10 +16,6 @@ ITEMS_FILE = "items.sqlite"
 CATEGORIES_FILE = "categories.npy"
 LISTS_FILE = "lists.npy"  # IVF indexes only
 SAMPLE_BLOCKS, SAMPLE_BYTES = 16, 4096
-
-
-class CatalogueError(ValueError):
-    """The catalogue folder is missing, incomplete or inconsistent; the message names what differs."""
 
 
 def sample_digest(path, size=None):
@@ -46,27 +32,13 @@ def sample_digest(path, size=None):
     return digest.hexdigest()
 
 
-def full_digest(path, progress=False):
-    digest = hashlib.sha256()
-    size = os.path.getsize(path)
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {Path(path).name}",
-                                     disable=not progress or size < (256 << 20), leave=False) as bar:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
-
-
 def file_record(path, progress=False):
     size = os.path.getsize(path)
-    return {"bytes": size, "sha256": full_digest(path, progress), "sample_sha256": sample_digest(path, size)}
+    return {"bytes": size, "sha256": sha256_file(path, progress), "sample_sha256": sample_digest(path, size)}
 
 
 def write_manifest(folder, manifest):
-    path = Path(folder) / MANIFEST_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(Path(folder) / MANIFEST_FILE, manifest)
 
 
 def read_manifest(folder):
@@ -116,7 +88,7 @@ def verify_files(folder, manifest=None, progress=True):
     check_files(folder, manifest)
     total = 0
     for name, record in manifest["files"].items():
-        if full_digest(folder / name, progress) != record["sha256"]:
+        if sha256_file(folder / name, progress) != record["sha256"]:
             raise CatalogueError(f"{folder}: {name} does not match its sha256 in {MANIFEST_FILE}")
         total += record["bytes"]
     return total

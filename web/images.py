@@ -1,12 +1,6 @@
-"""Catalogue images: only those of items that answered, and from the catalogue folder only.
-
-The front serves an image reference only when it appeared in an answer it forwarded (ServableImages: the most
-recent references, a bounded least-recently-used map), so that a photo left in the folder by a removed listing is
-not reachable by guessing its name. Such a reference is then looked up in the folder ("coat/fmnist-train-09615.png",
-relative to it), and anything that could lead out of it is refused: `..` or hidden segments, absolute paths,
-backslashes, NUL bytes, and symlinks (of files or of folders) whose target lies outside. Only image files are
-served.
-"""
+"""Catalogue images: an image reference is served only when it appeared in an answer the front forwarded (a bounded
+LRU map), and only from the catalogue folder: `..`, hidden segments, absolute paths, backslashes, NUL bytes and
+symlinks that lead out of it are refused."""
 import threading
 from collections import OrderedDict
 from pathlib import Path

@@ -4,7 +4,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .images import InputError, open_image
+from visual_search.errors import InputError
+from visual_search.images import open_image
 
 
 class UnreadablePhotoError(ValueError):

@@ -1,30 +1,10 @@
-"""Per-request filters turned into FAISS id selectors: one or more categories, and ids to leave out.
-
-categories.npy holds one bitmap per category, uint8 [categories, ceil(key_space / 8)], bit `key` set when the
-item with that key is in the category (FAISS's IDSelectorBitmap layout: bit key & 7 of byte key >> 3). It is
-memory-mapped, so a one-category filter costs no copy; several categories are OR-ed per request.
-"""
+"""Per-request filters as FAISS id selectors: categories and ids to leave out. categories.npy holds one bitmap per
+category, uint8 [categories, ceil(key_space / 8)], bit key & 7 of byte key >> 3 (FAISS's IDSelectorBitmap layout),
+memory-mapped: a one-category filter costs no copy; several categories are OR-ed per request."""
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
-
-
-class SearchError(ValueError):
-    """A request the catalogue cannot answer; `status` is the HTTP status it deserves."""
-    status = 400
-
-
-class FilterError(SearchError):
-    """An unknown category, or a filter that matches no item."""
-
-
-class UnknownListingError(SearchError, KeyError):
-    """Search by listing named an id that is not in the catalogue."""
-    status = 404
-
-    def __str__(self):  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
 
 
 def bitmap_bytes(key_space):

@@ -1,13 +1,6 @@
-"""A steady stream of search requests from a few concurrent clients, tallying failures and answering versions.
-
-    python -m serving.steady_load --model visual-search --clients 3 --seconds 300     # Ctrl-C stops it early
-
-Run it in a second terminal during a rollout (README.md, "Versions and rollouts"). Every 5 s it prints the
-requests so far, the failures and the versions that answered; at the end a summary. Exits 1 if any request
-failed. Loopback only, unless --allow-remote.
-"""
+"""A steady stream of searches from a few clients during a rollout: every 5 s the requests, failures and answering
+versions so far; exits 1 if any request failed. Loopback only, unless --allow-remote."""
 import argparse
-import io
 import sys
 import threading
 import time
@@ -16,20 +9,14 @@ from pathlib import Path
 
 import requests
 
-from serving.torchserve import TorchServe, TorchServeError, add_target_arguments, refuse_remote
+from loadtests.photos import product_jpeg
+from loadtests.target import add_target_arguments, refuse_remote
+from serving.torchserve import TorchServe, TorchServeError
+from visual_search.cli import HelpFormatter
 
-
-
-def synthetic_photo():
-    """A 64x48 JPEG of a red box on a light background (a stand-in product photo)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (64, 48), (220, 220, 210))
-    ImageDraw.Draw(image).rectangle([16, 16, 48, 40], fill=(150, 40, 30))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG")
-    return buffer.getvalue()
-
+USAGE = """examples:
+  python -m loadtests.steady_load --model visual-search --clients 3 --seconds 300
+"""
 
 class SteadyLoad:
     """`clients` threads posting `body` back to back until stop() or `max_seconds`; each answer is recorded as
@@ -88,7 +75,7 @@ class SteadyLoad:
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     add_target_arguments(p)
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--seconds", type=float, default=300)
@@ -103,7 +90,7 @@ def main(argv=None):
         key = TorchServe(args.state_dir).keys()["inference"]
     except (TorchServeError, KeyError) as error:
         sys.exit(f"error: no inference key in {args.state_dir}/key_file.json ({error})")
-    body = Path(args.photo).read_bytes() if args.photo else synthetic_photo()
+    body = Path(args.photo).read_bytes() if args.photo else product_jpeg(0, (64, 48))
     load = SteadyLoad(f"{args.host.rstrip('/')}/predictions/{args.model}", {"Authorization": f"Bearer {key}"},
                       body, args.clients, args.seconds).start()
     try:

@@ -1,13 +1,6 @@
-"""What a TorchServe request row holds, the parameters read from it, and the JSON answers the handler returns.
-
-A row is a dict. A raw body arrives as "body" (bytes; already parsed into a dict for application/json, a str for
-text/*). A multipart part, a query-string parameter (/models/{name}/invoke only: TorchServe drops query strings on
-/predictions) and a field of a form-encoded body arrive under their own names; a file part has a content type,
-a text field has none. The per-part content types and the HTTP headers come from the request's headers.
-
-Each parameter of PARAMETERS can come as its header, a form field, a query-string parameter or a JSON field; a
-later source overrides an earlier one in that order. Adding a parameter is one entry in that table.
-"""
+"""A TorchServe request row to a Query: where the photo is, and each parameter of PARAMETERS read from its header,
+form field, query-string parameter or JSON field (later sources override earlier ones), checked and typed; adding a
+parameter is one entry in that table. Refusals are InputErrors with the reason for the client."""
 import base64
 import binascii
 import json
@@ -15,7 +8,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from .images import InputError, decode_image
+from .errors import InputError
+from .images import decode_image
 
 FORM_ENCODED = "application/x-www-form-urlencoded"
 IMAGE_FIELD = "image"

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .model import pick_device
-
 
 @dataclass(frozen=True)
 class Context:
@@ -32,6 +30,15 @@ class Context:
     def backend(self):
         return dist.get_backend() if self.distributed else "none"
 
+
+
+def pick_device(requested="auto"):
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested} asked for, but CUDA is not available")
+    return device
 
 def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import distributed
-from .images import InputError, open_image
+from training import distributed
+from visual_search.errors import InputError
+from visual_search.images import open_image
 
 BAD_PHOTOS_FILE = "bad-photos.csv"
 SHOWN = 10  # paths named in the error message; the file has them all

@@ -1,32 +1,33 @@
-"""Catalogue folders from the command line: publish, update, re-index, verify, inspect, search by listing.
-
-    python -m visual_search.catalogue_cli publish catalogues/shop-v1 --embeddings emb.npy --items items.csv \
-        --categories-from runs/x/bundle/manifest.json [--profile accurate | --factory "IVF4096,SQ8"]
-    python -m visual_search.catalogue_cli update catalogues/shop-v1 catalogues/shop-v2 \
-        --add-items new.csv --add-embeddings new.npy --remove sku-17 sku-18
-    python -m visual_search.catalogue_cli reindex catalogues/shop-v2 catalogues/shop-v2-compact --profile compact
-    python -m visual_search.catalogue_cli verify catalogues/shop-v2      # full sha256 of every file, once
-    python -m visual_search.catalogue_cli info catalogues/shop-v2
-    python -m visual_search.catalogue_cli search catalogues/shop-v2 --listing sku-7 -k 4 --category coat
-
-Embeddings are float32 .npy files [N, 2048] with rows in the items CSV's order (id,category,image).
-"""
+"""Catalogue folders from the command line: publish, update, re-index, verify (full sha256), inspect, search by
+listing. Embeddings are float32 .npy [N, 2048] with rows in the items CSV's order (id,category,image)."""
 import argparse
 import json
 import sys
 
 import faiss
 
-from .catalogue import read_csv
-from .catalogue_build import publish_catalogue, reindex_catalogue, update_catalogue
-from .catalogue_files import read_manifest
-from .catalogue_filters import SearchError
-from .catalogue_store import open_catalogue, verify_catalogue
+from ..cli import HelpFormatter
+from ..errors import VisualSearchError
+from ..items import read_csv
+from .build import publish_catalogue, reindex_catalogue, update_catalogue
 from .index import PROFILES
+from .manifest import read_manifest
+from .store import open_catalogue, verify_catalogue
 
+USAGE = """examples:
+  python -m visual_search.catalogue publish catalogues/shop-v1 --embeddings emb.npy --items items.csv \
+      --categories-from runs/x/bundle/manifest.json [--profile accurate | --factory "IVF4096,SQ8"]
+  python -m visual_search.catalogue update catalogues/shop-v1 catalogues/shop-v2 --add-items new.csv \
+      --add-embeddings new.npy --remove sku-17
+  python -m visual_search.catalogue reindex catalogues/shop-v2 catalogues/shop-v2-compact --profile compact
+  python -m visual_search.catalogue verify catalogues/shop-v2
+  python -m visual_search.catalogue info catalogues/shop-v2
+  python -m visual_search.catalogue search catalogues/shop-v2 --listing sku-7 -k 4 --category coat
+"""
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m visual_search.catalogue", description=__doc__, epilog=USAGE,
+                                formatter_class=HelpFormatter)
     p.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -123,7 +124,7 @@ def main(argv=None):
     args = get_args(argv)
     try:
         run(args)
-    except (SearchError, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (VisualSearchError, ValueError, FileNotFoundError, FileExistsError) as error:
         sys.exit(f"error: {error}")
 
 

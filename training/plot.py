@@ -4,7 +4,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .images import open_image  # noqa: E402
+from visual_search.images import open_image  # noqa: E402
 
 
 def draw_results(rows, catalogue_root, out_path, title=""):

@@ -1,7 +1,6 @@
-"""The handler in this process, as TorchServe's worker runs it: a synthetic bundle, the archive unpacked, its own
-handler file, TorchServe's Context and metrics cache, and the handler's entry point, `handle(data, context)`, with
-the answers serialised as the worker serialises them, timed on batches of JPEG bodies.
-"""
+"""The handler in this process, as TorchServe's worker runs it (the archive unpacked, its own handler file,
+TorchServe's Context and metrics cache, answers serialised as the worker does), and synthetic bundles of a seeded,
+calibrated ResNet-50 for tests and benchmarks that need no trained weights."""
 import importlib.util
 import json
 import statistics
@@ -12,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visual_search.catalogue import Item
+from visual_search.catalogue.vectors import l2_normalize
 from visual_search.images import decode_image
-from visual_search.index import l2_normalize
+from visual_search.items import Item
 from visual_search.model import ProductNet
 from visual_search.preprocessing import PreprocessSettings, eval_transform
 
-ROOT = Path(__file__).resolve().parent.parent
 CATEGORIES = ("bags", "phones", "shoes")
 
 
@@ -59,8 +57,8 @@ def synthetic_bundle(out_dir, image_size, calibration, catalogue_photos=(), cata
     embeddings = np.concatenate(vectors)
     items = [Item(f"item-{i:07d}", CATEGORIES[i % 3], f"{CATEGORIES[i % 3]}/item-{i:07d}.jpg")
              for i in range(len(embeddings))]
-    from visual_search.bundle import publish_bundle  # noqa: PLC0415 (handler_child imports this module beside an
-    #                                                  archive's own, possibly older, visual_search package)
+    from training.publish import publish_bundle  # noqa: PLC0415 (benchmarks.handler_child runs this module beside
+    #                                                  an archive's copy of visual_search, which holds no writer)
     publish_bundle(out_dir, model=model, categories=CATEGORIES, preprocess=preprocess, items=items,
                    embeddings=embeddings, normalize=True, profile="exact", notes="synthetic benchmark bundle",
                    progress=False)

@@ -4,9 +4,9 @@ import base64
 import pytest
 
 from tests.fixtures import encode, product_photo
-from visual_search import service_io
-from visual_search.images import InputError
-from visual_search.service_io import Limits, Parameter, parse_query
+from visual_search import request
+from visual_search.errors import InputError
+from visual_search.request import Limits, Parameter, parse_query
 
 PHOTO = encode(product_photo("bags", 3, size=(40, 30)), "JPEG")
 LIMITS = Limits(default_k=4, max_k=10)
@@ -63,8 +63,9 @@ def test_parameters_from_header_form_and_json_the_later_overriding_the_earlier()
     ({"body": {"image": "", "exclude": {"id": 1}}}, {}, 400, "exclude must be a string or a list of strings"),
     ({"body": {"image": "", "exclude": [f"sku-{i}" for i in range(1001)]}}, {}, 400, "exclude must name 1 to 1000"),
     ({"body": {"k": 3}}, {}, 400, 'JSON body needs "image"'),
-    ({"image": PHOTO, "extra": PHOTO}, {"image": {"content-type": "image/jpeg"}, "extra": {"content-type": "image/png"}},
-     400, "2 files in one request (extra, image)"),
+    ({"image": PHOTO, "extra": PHOTO},
+     {"image": {"content-type": "image/jpeg"}, "extra": {"content-type": "image/png"}}, 400,
+     "2 files in one request (extra, image)"),
     ({"body": PHOTO}, {"X-Top-K": "\uff15"}, 400, "k must be an integer"),
     ({"body": PHOTO}, {"X-Exclude": "a\x01b"}, 400, "exclude holds control characters"),
     ({"body": {"image": "", "listing": "sku\ud800"}}, {}, 400, "listing holds control characters or invalid text"),
@@ -98,7 +99,7 @@ def test_a_new_parameter_is_one_table_entry(monkeypatch):
     def read_colour(value, limits, text):
         return value.lower()
 
-    monkeypatch.setitem(service_io.PARAMETERS, "colour", Parameter("X-Colour", read_colour, lambda limits: None))
+    monkeypatch.setitem(request.PARAMETERS, "colour", Parameter("X-Colour", read_colour, lambda limits: None))
     assert parse({"body": PHOTO}, {"X-Colour": "Red"}).params["colour"] == "red"
     assert parse({"body": PHOTO, "colour": b"Blue"}).params["colour"] == "blue"
     assert parse({"body": {"image": "", "colour": "GREEN"}}).params["colour"] == "green"

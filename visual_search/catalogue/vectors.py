@@ -1,20 +1,19 @@
-"""The stored embeddings of a catalogue: float32 .npy segments, memory-mapped, addressed by item key.
-
-A segment holds the vectors of consecutive keys [first_key, first_key + rows). The first version of a catalogue has
-one segment; each update adds one for the items it adds. Segments are never rewritten, so later versions share
-them with earlier ones through hard links. Rows of removed items stay in their segment, unreachable.
-
-Everything is read with pread, never mapped: bulk reads (building, re-indexing) in chunks, searches a few rows
-at a time.
-"""
+"""The stored embeddings: float32 .npy segments of consecutive keys, read with pread (never mapped). Each update adds
+a segment; segments are never rewritten, so later versions share them by hard links."""
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import EMBEDDING_DIM
-from .index import l2_normalize
+from .. import EMBEDDING_DIM
+
+
+def l2_normalize(vectors):
+    """Unit-length rows, so that L2 ranking equals cosine ranking."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
 
 DTYPE = np.dtype("<f4")
 ROW_BYTES = EMBEDDING_DIM * DTYPE.itemsize

@@ -1,48 +1,31 @@
-"""A small client for TorchServe's management API, with token authorization kept on.
-
-It reads the management key from TorchServe's key_file.json (renewing it with the API key when it has expired),
-and turns every failure into one ManagementError whose message says what went wrong: an unknown model or
-version, TorchServe unreachable, a refused token, an archive that is not in the model store.
-
-The previous default versions live in a small JSON file (default_history.json in the state folder), so that
-`rollback` knows where to go back to. See README.md, "Versions and rollouts".
-"""
-import json
-import os
+"""A client for TorchServe's management API, token authorization kept on: one ManagementError, whose message says
+what went wrong, for every failure. The previous defaults live in default_history.json in the state folder, for
+`rollback`."""
 import re
 import time
-import zipfile
 from pathlib import Path
 
 import requests
 
-from serving.torchserve import DEFAULT_CONFIG, ROOT, read_properties
+from serving.torchserve import (
+    DEFAULT_CONFIG,
+    DEFAULT_STATE,
+    KEY_FILE,
+    MODEL_STORE,
+    TorchServeError,
+    archive_identity,
+    is_refused_token,
+    read_keys,
+    read_properties,
+    renew_key,
+)
+from visual_search.fileio import exclusive_lock, read_json, write_json
 
-DEFAULT_STATE = ROOT / ".torchserve"
 HISTORY_FILE = "default_history.json"
 
 
-class ManagementError(RuntimeError):
+class ManagementError(TorchServeError):
     """A management call failed; the message is meant for the operator."""
-
-
-def archive_identity(path):
-    """(model name, version) from an archive's MAR-INF/MANIFEST.json."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            model = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]
-        return model["modelName"], model["modelVersion"]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
-        raise ManagementError(f"{path} is not a readable model archive: {error}") from None
-
-
-def write_json(path, data):
-    """Writes through a temporary file, so that a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 class ManagementClient:
@@ -63,19 +46,16 @@ class ManagementClient:
             (p for p in (state_dir / "config.properties", DEFAULT_CONFIG) if p.is_file()), None)
         props = read_properties(config) if config else {}
         url = url or props.get("management_address", "http://127.0.0.1:8081")
-        store = model_store or props.get("model_store") or ROOT / "model_store"
-        return cls(url, key_file or state_dir / "key_file.json", model_store=store, **kwargs)
+        store = model_store or props.get("model_store") or MODEL_STORE
+        return cls(url, key_file or state_dir / KEY_FILE, model_store=store, **kwargs)
 
     # -- HTTP ------------------------------------------------------------------------------------------------------
 
     def _keys(self):
         try:
-            data = json.loads(self.key_file.read_text())
-            return {name: entry["key"] for name, entry in data.items() if isinstance(entry, dict) and "key" in entry}
-        except (OSError, ValueError) as error:
-            raise ManagementError(f"cannot read the key file {self.key_file} ({error.__class__.__name__}): is "
-                                  f"TorchServe running from that state folder? Pass --state-dir or --key-file"
-                                  ) from None
+            return read_keys(self.key_file)
+        except TorchServeError as error:
+            raise ManagementError(f"{error}; pass --state-dir or --key-file") from None
 
     def _send(self, method, path, params=None, key=None):
         url = f"{self.url}{path}"
@@ -90,14 +70,17 @@ class ManagementClient:
                                   ) from None
 
     def _renew_management_key(self):
-        """Asks for a fresh management key with the API key (TorchServe rewrites the key file); False if refused."""
-        api_key = self._keys().get("API")
-        return bool(api_key) and self._send("GET", "/token", {"type": "management"}, key=api_key).status_code == 200
+        """A fresh management key, asked for with the API key; False if TorchServe refuses."""
+        try:
+            renew_key(self.url, self.key_file, "management", self.timeout)
+            return True
+        except TorchServeError:
+            return False
 
     def call(self, method, path, params=None):
         """The decoded JSON answer of a management call; raises ManagementError on any failure."""
         response = self._send(method, path, params)
-        if response.status_code in (400, 401) and "Token" in response.text and self._renew_management_key():
+        if is_refused_token(response) and self._renew_management_key():
             response = self._send(method, path, params)
         if response.status_code < 300:
             return response.json() if response.content else {}
@@ -178,7 +161,10 @@ class ManagementClient:
             raise ManagementError(f"{archive} is not an archive in the model store {self.model_store}: "
                                   f"TorchServe loads archives from there only. Build it there (python -m "
                                   f"training.update_catalogue ...) or copy it in")
-        name, version = archive_identity(local)
+        try:
+            name, version = archive_identity(local)
+        except TorchServeError as error:
+            raise ManagementError(str(error)) from None
         if name in self.model_names() and version in [v["modelVersion"] for v in self.versions(name)]:
             raise ManagementError(f"{name} version {version} is already registered; unregister it first or "
                                   f"build the archive with another version")
@@ -268,17 +254,18 @@ class ManagementClient:
     # -- default-version history -----------------------------------------------------------------------------------
 
     def _history(self):
-        try:
-            return json.loads(self.history_file.read_text())
-        except FileNotFoundError:
+        if not self.history_file.is_file():
             return {}
+        try:
+            return read_json(self.history_file, "default-version history")
         except ValueError as error:
-            raise ManagementError(f"{self.history_file} is not valid JSON ({error}); fix or delete it") from None
+            raise ManagementError(str(error)) from None
 
     def _save_history(self, name, stack):
-        history = self._history()
-        history[name] = stack
-        write_json(self.history_file, history)
+        with exclusive_lock(self.history_file.with_name(f".{self.history_file.name}.lock"), what=self.history_file):
+            history = self._history()
+            history[name] = stack
+            write_json(self.history_file, history, replace=True)
 
     def _remember(self, name, version):
         stack = self._history().get(name, [])

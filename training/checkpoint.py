@@ -1,12 +1,10 @@
 """Training checkpoints: model and optimizer state plus everything needed to rebuild and serve the model."""
-import os
-from pathlib import Path
-
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .model import ProductNet
-from .preprocessing import PreprocessSettings
+from visual_search.fileio import write_atomically
+from visual_search.model import ProductNet
+from visual_search.preprocessing import PreprocessSettings
 
 CHECKPOINT_FORMAT = 1
 
@@ -17,7 +15,7 @@ def save_checkpoint(path, *, model, optimizer, scheduler, epoch, categories, pre
     A DistributedDataParallel wrapper is taken off `model`, so the keys never carry its "module." prefix.
     """
     model = model.module if isinstance(model, DistributedDataParallel) else model
-    write_atomically(path, {
+    save_state(path, {
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -30,18 +28,10 @@ def save_checkpoint(path, *, model, optimizer, scheduler, epoch, categories, pre
     })
 
 
-def write_atomically(path, state):
-    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over `path`."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with open(partial, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+def save_state(path, state):
+    """torch.save through a unique temporary file, fsynced and renamed over `path` (last.pt and best.pt are
+    replaced each epoch): a crash while writing leaves any earlier file at `path` as it was."""
+    write_atomically(path, lambda f: torch.save(state, f), replace=True)
 
 
 def load_checkpoint(path):

@@ -1,0 +1,268 @@
+"""A catalogue folder opened for serving: read-only, memory-mapped, checked cheaply against its manifest and an
+archive's reference. Files: catalogue.json (manifest), index.faiss, items.sqlite, categories.npy (one bitmap per
+category), lists.npy (IVF), vectors-NNNNN.npy. Searching is in visual_search.catalogue.search."""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from .. import EMBEDDING_DIM
+from ..errors import CatalogueError, FilterError, InputError, UnknownListingError
+from ..items import Item
+from .filters import Selection, bitmap_bytes, bits_of, describe, popcounts
+from .index import apply_search_params, is_exact_codes, ivf_of, open_index, takes_search_params
+from .items_db import ItemStore
+from .manifest import (
+    CATEGORIES_FILE,
+    INDEX_FILE,
+    ITEMS_FILE,
+    LISTS_FILE,
+    MANIFEST_FILE,
+    check_files,
+    read_manifest,
+    verify_files,
+)
+from .search import hits_of, queries_of, search_selection
+from .vectors import Segment, VectorStore
+
+REFERENCE_KEYS = ("uid", "format_version", "count", "dim", "normalized", "manifest_sha256")
+
+
+
+def catalogue_reference(folder):
+    """What an archive records about the catalogue it expects: its folder, uid, format, count, dimension,
+    normalisation and the sha256 of its manifest (which holds every file's size and sha256)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    return {"path": str(folder.resolve()), **{key: manifest[key] for key in REFERENCE_KEYS[:-1]},
+            "manifest_sha256": hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).hexdigest()}
+
+
+def check_reference(folder, manifest, expected):
+    """CatalogueError naming every field where the folder differs from an archive's reference."""
+    actual = {**{key: manifest.get(key) for key in REFERENCE_KEYS[:-1]},
+              "manifest_sha256": hashlib.sha256((Path(folder) / MANIFEST_FILE).read_bytes()).hexdigest()}
+    differ = [f"{key} {actual[key]!r}, expected {expected[key]!r}" for key in REFERENCE_KEYS
+              if key in expected and actual[key] != expected[key]]
+    if differ:
+        raise CatalogueError(f"{folder} is not the catalogue this archive was built for: {'; '.join(differ)}")
+
+
+def open_catalogue(folder, mmap=True, expect=None):
+    """Opens a catalogue folder for serving, after the cheap checks; raises CatalogueError naming what differs.
+
+    mmap=True reads the index read-only and memory-mapped (IVF lists with IO_FLAG_MMAP, Flat codes with
+    IO_FLAG_MMAP_IFC), so workers on one host share one copy through the page cache.
+    expect: a catalogue_reference() recorded by an archive; any difference fails the open.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if expect is not None:
+        check_reference(folder, manifest, expect)
+    if manifest["dim"] != EMBEDDING_DIM:
+        raise CatalogueError(f"{folder}: vectors of dimension {manifest['dim']}, expected {EMBEDDING_DIM}")
+    segments = [Segment.from_dict(s) for s in manifest["segments"]]
+    needed = {INDEX_FILE, ITEMS_FILE, CATEGORIES_FILE, *(s.file for s in segments)}
+    unlisted = sorted(needed - set(manifest["files"]))
+    if unlisted:
+        raise CatalogueError(f"{folder}: the manifest lists no size or checksum for {', '.join(unlisted)}")
+    check_files(folder, manifest)
+    end = 0
+    for segment in segments:
+        if segment.first_key != end:
+            raise CatalogueError(f"{folder}: {segment.file} starts at key {segment.first_key}, expected {end}")
+        end += segment.rows
+    if end != manifest["key_space"]:
+        raise CatalogueError(f"{folder}: the vector segments hold {end} keys, the manifest says "
+                             f"{manifest['key_space']}")
+
+    categories = manifest["categories"]
+    bitmaps = np.load(folder / CATEGORIES_FILE, mmap_mode="r", allow_pickle=False)
+    expected = (len(categories), bitmap_bytes(manifest["key_space"]))
+    if bitmaps.dtype != np.uint8 or bitmaps.shape != expected:
+        raise CatalogueError(f"{folder}: {CATEGORIES_FILE} holds {bitmaps.dtype} {bitmaps.shape}, expected uint8 "
+                             f"{expected}")
+    counts = popcounts(bitmaps).tolist()
+    if counts != list(manifest["category_counts"]) or sum(counts) != manifest["count"]:
+        raise CatalogueError(f"{folder}: {CATEGORIES_FILE} counts {counts} items per category, the manifest says "
+                             f"{manifest['category_counts']} ({manifest['count']} in all)")
+    try:
+        vectors = VectorStore(folder, segments)
+    except ValueError as error:
+        raise CatalogueError(f"{folder}: {error}") from None
+    items = ItemStore(folder / ITEMS_FILE)
+    try:
+        index, list_counts = _open_index(folder, manifest, items, mmap)
+    except BaseException:
+        items.close()
+        vectors.close()
+        raise
+    return Catalogue(folder, manifest, index, items, vectors, bitmaps, list_counts)
+
+
+def _open_index(folder, manifest, items, mmap):
+    """(index with its search parameters applied, items per list and category or None), after checking that the
+    items file, the index and lists.npy agree with the manifest."""
+    if items.meta.get("uid") != manifest["items_uid"] or items.meta.get("count") != str(manifest["count"]):
+        raise CatalogueError(f"{folder}: {ITEMS_FILE} belongs to item set {items.meta.get('uid')} with "
+                             f"{items.meta.get('count')} items, the manifest names {manifest['items_uid']} with "
+                             f"{manifest['count']}")
+    try:
+        index = open_index(folder / INDEX_FILE, manifest.get("mmap_flag") if mmap else None)
+    except RuntimeError as error:
+        raise CatalogueError(f"{folder}: FAISS cannot read {INDEX_FILE}: {str(error).splitlines()[0]}") from None
+    if index.d != manifest["dim"] or index.ntotal != manifest["count"]:
+        raise CatalogueError(f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors of dimension {index.d}, the "
+                             f"manifest says {manifest['count']} of dimension {manifest['dim']}")
+    apply_search_params(index, manifest["search"])
+    ivf = ivf_of(index)
+    if ivf is None:
+        return index, None
+    if LISTS_FILE not in manifest["files"]:
+        raise CatalogueError(f"{folder}: an IVF index without {LISTS_FILE} in the manifest")
+    list_counts = np.load(folder / LISTS_FILE, allow_pickle=False)
+    if list_counts.shape != (ivf.nlist, len(manifest["categories"])) or int(list_counts.sum()) != manifest["count"]:
+        raise CatalogueError(f"{folder}: {LISTS_FILE} counts {int(list_counts.sum())} items in {list_counts.shape} "
+                             f"lists x categories; the index has {ivf.nlist} lists, the manifest {manifest['count']} "
+                             f"items in {len(manifest['categories'])} categories")
+    return index, list_counts
+
+
+def verify_catalogue(folder, progress=True):
+    """The publish-time check: full sha256 of every file, then a full open. Returns the manifest."""
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest, progress)
+    catalogue = open_catalogue(folder, mmap=True)
+    try:
+        if catalogue.items.count() != manifest["count"]:
+            raise CatalogueError(f"{folder}: {ITEMS_FILE} holds {catalogue.items.count()} items, the manifest says "
+                                 f"{manifest['count']}")
+    finally:
+        catalogue.close()
+    return manifest
+
+
+class Catalogue:
+    def __init__(self, folder, manifest, index, items, vectors, bitmaps, list_counts=None):
+        self.folder, self.manifest, self.index = Path(folder), manifest, index
+        self.list_counts = list_counts  # int32 [nlist, categories] for IVF indexes
+        self.items, self.vectors, self.bitmaps = items, vectors, bitmaps
+        self.categories = list(manifest["categories"])
+        self.category_codes = {name: code for code, name in enumerate(self.categories)}
+        self.category_counts = list(manifest["category_counts"])
+        self.count = int(manifest["count"])
+        self.search_params = dict(manifest["search"])
+        self.k_factor = int(self.search_params.get("k_factor", 1))
+        self.exact_codes = is_exact_codes(index)
+        self.takes_params = takes_search_params(index)
+        self.ivf = ivf_of(index)
+        self._alive = None
+
+    @property
+    def uid(self):
+        return self.manifest["uid"]
+
+    @property
+    def normalized(self):
+        return bool(self.manifest["normalized"])
+
+    def close(self):
+        self.items.close()
+        self.vectors.close()
+
+    # ------------------------------------------------------------------ lookups
+
+    def listing(self, item_id):
+        """(key, Item) of a catalogue id; UnknownListingError when it is not in this catalogue."""
+        key = self.items.keys_of([item_id]).get(item_id)
+        if key is None:
+            raise UnknownListingError(f"unknown listing id {item_id!r}: not in this catalogue")
+        item_id, code, image = self.items.rows_of([key])[key]
+        return key, Item(item_id, self.categories[code], image)
+
+    def all_items(self):
+        """Every item of this version as catalogue.Item, in key order (a full scan)."""
+        return [Item(item_id, self.categories[code], image) for _, item_id, code, image in self.items.iter_rows()]
+
+    def vector(self, item_id):
+        """The stored vector of a catalogue id."""
+        key, _ = self.listing(item_id)
+        return self.vectors.get([key])[0]
+
+    def alive(self):
+        """Bitmap of every key in this version (all categories)."""
+        if self._alive is None:
+            self._alive = np.bitwise_or.reduce(np.asarray(self.bitmaps), axis=0)
+        return self._alive
+
+    def select(self, categories=(), exclude=()):
+        """The Selection for a filter; FilterError for an unknown category or a filter that matches nothing."""
+        categories = list(dict.fromkeys(categories or ()))
+        unknown = [c for c in categories if c not in self.category_codes]
+        if unknown:
+            raise FilterError(f"unknown category {unknown[0]!r}; this catalogue has: {', '.join(self.categories)}")
+        codes = [self.category_codes[c] for c in categories]
+        bitmap = None
+        if len(codes) == 1:
+            bitmap = self.bitmaps[codes[0]]
+        elif codes:
+            bitmap = np.bitwise_or.reduce(np.asarray(self.bitmaps[codes]), axis=0)
+        base = sum(self.category_counts[c] for c in codes) if codes else self.count
+        excluded = np.array(sorted(self.items.keys_of(exclude or ()).values()), dtype=np.int64)
+        if bitmap is not None and len(excluded):
+            excluded = excluded[bits_of(bitmap, excluded)]
+        count = base - len(excluded)
+        if count <= 0:
+            what = describe(categories, exclude)
+            raise FilterError(f"no item matches the filter ({what}): "
+                              + ("the category holds no items" if base == 0 else "every matching item is left out"))
+        return Selection(count=count, total=self.count, bitmap=bitmap, excluded=excluded, codes=codes)
+
+    # ------------------------------------------------------------------ searching
+
+    def search(self, queries, k, categories=(), exclude=()):
+        """One Hits per query row, nearest first, among the items the filter lets through."""
+        queries = queries_of(queries)
+        selection = self.select(categories, exclude)
+        distances, keys = search_selection(self, queries, k, selection)
+        return [hits_of(self, d, key_row, k, selection.count) for d, key_row in zip(distances, keys)]
+
+    def search_by_listing(self, listing_id, k, categories=(), exclude=()):
+        """Neighbours of a catalogue item's stored vector, the item itself left out."""
+        key, item = self.listing(listing_id)
+        hits = self.search(self.vectors.get([key]), k, categories, (*exclude, listing_id))[0]
+        hits.listing = item
+        return hits
+
+    def answer(self, requests):
+        """A batch of SearchRequests -> one Hits or SearchError per request, in order; requests that share a
+        filter are searched together, and one bad request does not fail the others."""
+        results, groups = [None] * len(requests), {}
+        for i, request in enumerate(requests):
+            try:
+                vector, exclude, item = request.vector, tuple(request.exclude or ()), None
+                if request.listing is not None:
+                    key, item = self.listing(request.listing)
+                    vector, exclude = self.vectors.get([key])[0], exclude + (request.listing,)
+                elif vector is None:
+                    raise InputError("a search request needs a vector or a listing id")
+                group = (tuple(dict.fromkeys(request.categories or ())), tuple(sorted(set(exclude))))
+                groups.setdefault(group, []).append((i, vector, request.k, item))
+            except InputError as error:
+                results[i] = error
+        for (categories, exclude), members in groups.items():
+            try:
+                selection = self.select(categories, exclude)
+            except InputError as error:
+                for i, *_ in members:
+                    results[i] = error
+                continue
+            k = max(m[2] for m in members)
+            distances, keys = search_selection(self, queries_of([m[1] for m in members]), k, selection)
+            for (i, _, own_k, item), d, key_row in zip(members, distances, keys):
+                results[i] = hits_of(self, d[:own_k], key_row[:own_k], own_k, selection.count, item)
+        return results
+
+    def search_selection(self, queries, k, selection):
+        """(distances, keys), each [n, min(k, selection.count)], nearest first, exact squared L2 distances."""
+        return search_selection(self, queries, k, selection)

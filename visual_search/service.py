@@ -1,0 +1,200 @@
+"""The batch path without TorchServe: rows in, one Answer per row out. Each row is answered on its own terms, so a
+bad row, or a row asking for something else (an explanation, a description), never changes what the others get.
+handler/visual_search_handler.py adapts it to TorchServe; another server could call it the same way."""
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .bundle import load_bundle
+from .catalogue import SearchRequest
+from .errors import InputError, VisualSearchError
+from .request import Limits, compact_json, error_answer
+from .runtime import CoreShare, Runtime, RuntimeSettings
+
+log = logging.getLogger(__name__)
+EMBEDDING_DECIMALS = 9  # under 1e-9 from the model's float32 values; about 25 KB of JSON for 2048 floats
+KINDS = ("predict", "explain", "describe")
+
+
+class NoMetrics:
+    """The metrics interface of SearchService, recording nothing (visual_search.metrics records to TorchServe)."""
+
+    def timed(self, stage):
+        return nullcontext()
+
+    def batch(self, size):
+        pass
+
+    def rejection(self, error):
+        pass
+
+    def gauge(self, name, value, unit="count"):
+        pass
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes  # compact JSON
+
+
+@dataclass
+class Inferred:
+    """A Prepared batch after the model and the catalogue: the model's outputs and, per row, Hits or an error."""
+    prepared: object  # visual_search.runtime.Prepared
+    embeddings: np.ndarray = None  # [photos, 2048], in prepared.photo_rows order
+    probabilities: np.ndarray = None  # [photos, categories]
+    found: list = None  # Hits, VisualSearchError or None (not searched) per row
+
+
+def no_explanations():
+    return InputError("explanations are not available for this model: POST the photo to /predictions/<model>",
+                      label="explain")
+
+
+def internal_error(what):
+    return VisualSearchError(f"internal error while {what}; the other requests of the batch are not affected",
+                             label="internal")
+
+
+class SearchService:
+    """The model, its catalogue and the request limits of one archive, answering batches of rows."""
+
+    def __init__(self, bundle, runtime, limits, cores, model_name=None, version=None):
+        self.bundle, self.runtime, self.limits, self.cores = bundle, runtime, limits, cores
+        self.catalogue = bundle.catalogue
+        self.model_name, self.version = model_name, version
+        self.categories = np.array(bundle.categories)
+
+    @classmethod
+    def load(cls, model_dir, settings=None, gpu_id=None, batch_size=1, model_name=None, version=None):
+        """Loads the bundle in `model_dir` (raises on any mismatch) with the handler `settings` of its
+        model-config.yaml (catalogue_dir, default_k, max_k, threads), on CUDA device `gpu_id` when there is one."""
+        settings = settings or {}
+        cores = CoreShare(settings.get("threads"))
+        bundle = load_bundle(model_dir, catalogue_dir=settings.get("catalogue_dir"))
+        use_cuda = torch.cuda.is_available() and gpu_id is not None
+        device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
+        runtime_settings, dropped = RuntimeSettings.from_dict(bundle.manifest["runtime"]).for_device(device)
+        for name, why in dropped.items():
+            log.info("runtime setting %s not applied: %s", name, why)
+        runtime = Runtime(bundle, device, runtime_settings, warmup_batch=batch_size)
+        limits = Limits(default_k=int(settings.get("default_k", 4)),
+                        max_k=min(int(settings.get("max_k", 100)), bundle.catalogue.count))
+        service = cls(bundle, runtime, limits, cores, model_name, version)
+        log.info("loaded %s v%s: catalogue %s (%d items, %s) on %s, runtime %s, %d threads (warm-up %.1f s)",
+                 model_name, version, service.catalogue.folder, service.catalogue.count,
+                 service.catalogue.manifest["factory"], device, runtime.settings.to_dict(), cores.threads,
+                 runtime.warmup_seconds)
+        return service
+
+    def handle(self, rows, headers, kinds=None, metrics=NoMetrics()):
+        """One Answer per row. `kinds`: per row "predict", "explain" or "describe" (default: all predict)."""
+        self.cores.update()
+        kinds = list(kinds or ["predict"] * len(rows))
+        with metrics.timed("Preprocess"):
+            skip = {i for i, kind in enumerate(kinds) if kind != "predict"}
+            prepared = self.runtime.prepare(rows, headers, self.limits, skip)
+            prepared.errors = [no_explanations() if kind == "explain" else error
+                               for kind, error in zip(kinds, prepared.errors)]
+        metrics.batch(len(rows))
+        inferred = self.infer(prepared, metrics)
+        answers = self.answer(inferred, kinds)
+        for error in [*prepared.errors, *inferred.found]:
+            if isinstance(error, VisualSearchError):
+                metrics.rejection(error)
+        return answers
+
+    def infer(self, prepared, metrics=NoMetrics()):
+        """The model on the batch's photos, then the catalogue for every row that asks for similar items."""
+        inferred = Inferred(prepared, found=[None] * len(prepared.queries))
+        if prepared.batch is not None:
+            with metrics.timed("Inference"):
+                try:
+                    inferred.embeddings, inferred.probabilities = self.runtime.embed(prepared.batch)
+                except (RuntimeError, torch.cuda.OutOfMemoryError):
+                    log.exception("the model failed on a batch of %d photos", len(prepared.batch))
+                    for i in prepared.photo_rows:
+                        inferred.found[i] = internal_error("running the model")
+        rows, requests = [], []
+        for i, query in enumerate(prepared.queries):
+            if query is None or query.output != "similar" or inferred.found[i] is not None:
+                continue
+            vector = inferred.embeddings[prepared.photo_rows[i]] if i in prepared.photo_rows else None
+            rows.append(i)
+            requests.append(SearchRequest(k=query.k, vector=vector, listing=query.listing,
+                                          categories=query.categories, exclude=query.exclude))
+        if requests:
+            with metrics.timed("Search"):
+                try:
+                    results = self.catalogue.answer(requests)
+                except Exception:
+                    log.exception("the catalogue failed on a batch of %d searches", len(requests))
+                    results = [internal_error("searching the catalogue")] * len(requests)
+            for i, result in zip(rows, results):
+                inferred.found[i] = result
+        return inferred
+
+    def answer(self, inferred, kinds):
+        """One Answer per row: its error with the error's status, or its JSON."""
+        prepared, answers = inferred.prepared, []
+        for i, kind in enumerate(kinds):
+            error = prepared.errors[i]
+            if error is None and isinstance(inferred.found[i], VisualSearchError):
+                error = inferred.found[i]
+            if error is None:
+                try:
+                    answers.append(Answer(200, compact_json(self._answer_of(inferred, i, kind))))
+                    continue
+                except Exception:
+                    log.exception("building the answer of row %d failed", i)
+                    error = internal_error("building the answer")
+            answers.append(Answer(error.status, compact_json(error_answer(error))))
+        return answers
+
+    def _answer_of(self, inferred, i, kind):
+        if kind == "describe":
+            return self.description()
+        query, photo = inferred.prepared.queries[i], inferred.prepared.photo_rows.get(i)
+        if query.output == "embedding":
+            return self._embedding_answer(inferred.embeddings[photo])
+        return self._similar_answer(inferred.found[i], None if photo is None else inferred.probabilities[photo])
+
+    def _header(self):
+        return {"model": self.model_name, "model_version": self.version}
+
+    def _embedding_answer(self, embedding):
+        values = np.round(embedding.astype(np.float64), EMBEDDING_DECIMALS).tolist()
+        return {**self._header(), "dim": int(embedding.shape[0]), "normalized": self.bundle.normalize,
+                "embedding": values}
+
+    def _similar_answer(self, hits, probabilities):
+        """By photo: the predicted category and its confidence; by listing: the listing's own category."""
+        if probabilities is None:
+            category, confidence = hits.listing.category, None
+        else:
+            best = int(probabilities.argmax())
+            category, confidence = str(self.categories[best]), round(float(probabilities[best]), 6)
+        answer = {**self._header(), "category": category, "confidence": confidence, "k": hits.k,
+                  "neighbours": [{**n.to_dict(), "distance": round(n.distance, 6)} for n in hits.neighbours]}
+        if hits.listing is not None:
+            item = hits.listing
+            answer["listing"] = {"id": item.id, "category": item.category, "image": item.image}
+        return answer
+
+    def description(self):
+        """The model summary (TorchServe shows it as customizedMetadata)."""
+        manifest, catalogue = self.bundle.manifest, self.catalogue.manifest
+        return {**self._header(), "categories": list(self.bundle.categories), "items": catalogue["count"],
+                "catalogue": {"uid": catalogue["uid"], "version": catalogue.get("version"), "items": catalogue["count"],
+                              "categories": catalogue["categories"], "profile": catalogue["profile"],
+                              "factory": catalogue["factory"], "search": catalogue["search"],
+                              "bundled": manifest["catalogue"].get("bundled", False)},
+                "embedding_dim": manifest["embedding_dim"],
+                "preprocess": manifest["preprocess"], "runtime": self.runtime.settings.to_dict(),
+                "default_k": self.limits.default_k, "max_k": self.limits.max_k, "threads": self.cores.threads,
+                "workers_on_host": self.cores.workers, "pid": os.getpid()}
