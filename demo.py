@@ -105,7 +105,7 @@ def main(argv=None):
     t = step("5/6 packing the TorchServe archive")
     archive = build_archive(["--bundle", str(run_dir / "bundle"), "--name", args.name, "--version", "1.0",
                              "--batch-size", str(profile["serve_batch"]),
-                             "--max-batch-delay", str(profile["serve_delay_ms"])])
+                             "--max-batch-delay", str(profile["serve_delay_ms"]), "--replace"])
 
     t = step("6/6 serving with TorchServe and asking it about held-out photos")
     server = TorchServe(DEFAULT_STATE)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from serving.build_archive import verify_archive
 from serving.torchserve import TorchServeError, archive_identity, read_archive, read_properties
 from visual_search import fileio
 from visual_search.cli import HelpFormatter
@@ -164,11 +165,6 @@ def copy_archive(source, file, config_name, threads):
                     shutil.copyfileobj(reader, writer, 1 << 20)
 
 
-def copy_into(path, file):
-    with open(path, "rb") as source:
-        shutil.copyfileobj(source, file, 1 << 20)
-
-
 def make_folders(folder):
     """Creates `folder` and any missing parent, each one fsync'd into its parent; returns those it created,
     deepest first."""
@@ -193,7 +189,7 @@ def write_release(out, archives, config, threads):
         for path in archives:
             target = staging / "model-store" / path.name
             if threads is None:
-                fileio.write_atomically(target, lambda file, path=path: copy_into(path, file), stat_from=path)
+                fileio.write_atomically(target, lambda file, path=path: fileio.copy_into(path, file), stat_from=path)
             else:
                 fileio.write_atomically(target, lambda file, path=path: write_archive_with_threads(path, file, threads))
         fileio.write_atomically(staging / "config" / "config.properties", config)
@@ -228,9 +224,10 @@ def make_release(args):
         raise ReleaseError("two archives have the same file name; the model store is one flat folder")
     snapshot = snapshot_for(archives, parse_defaults(args.default), version_settings(template_snapshot, args))
     text = config_text(template.read_text(), snapshot)
-    if args.threads is not None:
-        for path in archives:
-            archive_config_name(path)  # refuse before writing anything
+    for path in archives:  # refuse before writing anything
+        verify_archive(path)  # every file against its sha256
+        if args.threads is not None:
+            archive_config_name(path)
     write_release(out, list(archives), text, args.threads)
     return snapshot
 

@@ -2,18 +2,26 @@
 runtime options rewrite the archived manifest's runtime section; a bundled catalogue travels in the archive, an
 outside one is named (--catalogue-dir: where serving hosts hold it, relative to $VISUAL_SEARCH_CATALOGUES)."""
 import argparse
+import functools
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import yaml
 
 from serving.torchserve import MODEL_STORE, ROOT, tool
-from visual_search.bundle import BUNDLE_FILES, CATALOGUE_DIR, MANIFEST_FILE, load_bundle
+from visual_search.bundle import BUNDLE_FILES, CATALOGUE_DIR, MANIFEST_FILE, MODEL_FILE, load_bundle
+from visual_search.catalogue import verify_catalogue
+from visual_search.catalogue.changes import CHANGES_SUFFIX
+from visual_search.catalogue.manifest import MANIFEST_FILE as CATALOGUE_MANIFEST
 from visual_search.cli import HelpFormatter
+from visual_search.errors import BundleError
+from visual_search.fileio import copy_into, write_atomically
 from visual_search.runtime import PRECISIONS, RuntimeSettings
 
 USAGE = """examples:
@@ -37,8 +45,14 @@ def model_config(args):
         "startupTimeout": args.startup_timeout,
         "handler": {"default_k": args.default_k, "max_k": args.max_k,
                     **({"catalogue_dir": args.catalogue_dir} if args.catalogue_dir else {}),
-                    **({"threads": args.threads} if args.threads else {})},
+                    **({"threads": args.threads} if args.threads else {}),
+                    **({"changes": changes_setting(args)} if not args.no_changes else {})},
     }
+
+
+def changes_setting(args):
+    """The change log the workers follow: --changes as given, or <model store>/<name>.changes.sqlite."""
+    return args.changes or str((Path(args.model_store) / f"{args.name}{CHANGES_SUFFIX}").resolve())
 
 
 def get_args(argv=None):
@@ -55,6 +69,12 @@ def get_args(argv=None):
                    help="ms to wait for a batch to fill (docs/performance.md)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--max-workers", type=int, default=None)
+    p.add_argument("--changes", default=None,
+                   help="the catalogue line's change log, which the workers follow (default: "
+                        "<model store>/<name>.changes.sqlite; relative: under $VISUAL_SEARCH_CATALOGUES)")
+    p.add_argument("--no-changes", action="store_true", help="serve the sealed catalogue alone, no live changes")
+    p.add_argument("--replace", action="store_true", help="replace an archive of the same file name (atomically); "
+                                                           "without it an existing archive is refused")
     p.add_argument("--threads", type=int, default=None,
                    help="torch and FAISS threads per worker (default: the host's CPUs, bounded by the cgroup quota and "
                         "$VISUAL_SEARCH_CPUS, shared among the live workers)")
@@ -94,6 +114,7 @@ print(json.dumps(sorted(m.__file__ for name, m in sys.modules.items()
 """
 
 
+@functools.cache
 def handler_modules():
     """The files of the visual_search package that importing the handler loads, found in a clean interpreter,
     relative to the checkout: the archive ships these and nothing else of the package."""
@@ -105,14 +126,41 @@ def handler_modules():
     return sorted(files)
 
 
+def verify_archive(path):
+    """Checks an archive against its own records, in full: model.pt against the manifest's weights sha256 and,
+    when the catalogue is bundled, every catalogue file against catalogue.json. Returns the manifest; raises
+    BundleError naming the first file that differs."""
+    with zipfile.ZipFile(path) as archive:
+        manifest = json.loads(archive.read(MANIFEST_FILE))
+        expected = {MODEL_FILE: manifest.get("weights_sha256")}
+        if f"{CATALOGUE_DIR}/{CATALOGUE_MANIFEST}" in archive.namelist():
+            catalogue = json.loads(archive.read(f"{CATALOGUE_DIR}/{CATALOGUE_MANIFEST}"))
+            expected.update({f"{CATALOGUE_DIR}/{name}": record["sha256"]
+                             for name, record in catalogue["files"].items()})
+        for name, sha in expected.items():
+            digest = hashlib.sha256()
+            with archive.open(name) as member:
+                for block in iter(lambda member=member: member.read(8 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != sha:
+                raise BundleError(f"{path}: {name} does not match its sha256")
+    return manifest
+
+
 def build_archive(args):
     bundle_dir = Path(args.bundle)
     bundle = load_bundle(bundle_dir, catalogue_dir=args.catalogue_dir)  # refuse to pack an inconsistent bundle
     bundled = bundle.manifest["catalogue"].get("bundled", False)
+    folder = bundle.catalogue.folder
     bundle.catalogue.close()
     if bundled and args.catalogue_dir:
         sys.exit(f"{bundle_dir} bundles its catalogue; --catalogue-dir is for a catalogue outside the bundle")
     store = Path(args.model_store)
+    archive = store / f"{args.out_name or args.name}.mar"
+    if archive.exists() and not args.replace:
+        sys.exit(f"error: {archive} exists: an archive is written once (a new version gets a new name), or pass "
+                 f"--replace")
+    verify_catalogue(folder)  # the full sha256 of every file, before anything is packed
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "extra"
@@ -136,8 +184,8 @@ def build_archive(args):
         if result.returncode != 0:
             sys.exit(f"torch-model-archiver failed ({result.returncode}):\n{result.stderr or result.stdout}")
         # The archiver names the file after the model; --out-name renames only the file (e.g. name-v2.mar).
-        archive = store / f"{args.out_name or args.name}.mar"
-        shutil.move(Path(tmp) / f"{args.name}.mar", archive)
+        built = Path(tmp) / f"{args.name}.mar"
+        write_atomically(archive, lambda f: copy_into(built, f), replace=args.replace)
     where = "bundled" if bundled else f"outside, at {args.catalogue_dir or bundle.manifest['catalogue']['path']}"
     print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB), version {args.version}, catalogue {where} "
           f"({bundle.catalogue.count} items), runtime {runtime}")

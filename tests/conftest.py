@@ -20,7 +20,7 @@ def photo_dir(tmp_path_factory):
 def trained_run(photo_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     train(["--data-dir", str(photo_dir), "--out-dir", str(run), "--image-size", str(IMAGE_SIZE), "--epochs", "2",
-           "--batch-size", "6", "--lr", "0.01", "--workers", "0", "--seed", "7"])
+           "--batch-size", "6", "--lr", "0.0003", "--workers", "0", "--seed", "7"])
     return run
 
 

@@ -26,10 +26,11 @@ from serving.management_client import ManagementClient, ManagementError
 from tests.fixtures import CATEGORIES, IMAGE_SIZE, encode, product_photo, running_torchserve
 from tests.harness import calibrated_model, embed_photos
 from training.publish import write_bundle
-from visual_search.bundle import CATALOGUE_DIR, CATALOGUES_ENV
+from visual_search.bundle import CATALOGUE_DIR
 from visual_search.catalogue.build import publish_catalogue, update_catalogue
 from visual_search.catalogue.manifest import INDEX_FILE, read_manifest
 from visual_search.catalogue.vectors import segment_name
+from visual_search.fileio import CATALOGUES_ENV
 from visual_search.items import Item
 from visual_search.preprocessing import PreprocessSettings
 

@@ -3,6 +3,7 @@
 photos are checked before embedding; under torchrun each rank embeds its share. See docs/training.md."""
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,11 @@ from training.embedding import iter_embeddings
 from training.photo_check import BadPhotosError, check_photos
 from training.publish import publish_bundle
 from visual_search import EMBEDDING_DIM
-from visual_search.bundle import catalogue_folder
+from visual_search.bundle import CATALOGUE_DIR, MANIFEST_FILE, MODEL_FILE, catalogue_folder
 from visual_search.catalogue import read_manifest
 from visual_search.catalogue.index import PROFILES
 from visual_search.cli import HelpFormatter
+from visual_search.fileio import write_atomically
 from visual_search.items import read_csv, scan_folder
 from visual_search.model import TrainedModel
 from visual_search.runtime import Runtime
@@ -27,6 +29,7 @@ USAGE = """examples:
   torchrun --nproc-per-node 4 -m training.build_index ...
 """
 
+OUTSIDE_MARKER = ".outside-catalogue"  # names the outside catalogue folder of a bundle not finished yet
 EMBEDDINGS_FILE = "embeddings.npy"  # beside the bundle, the publishing step's input; not shipped in the archive
 
 
@@ -99,6 +102,22 @@ def embed_catalogue_to_file(ctx, path, model, data_dir, items, categories, prepr
     return path
 
 
+def clear_unfinished(out_dir):
+    """Removes what a bundle folder holds before its manifest.json, the last file a build writes: the pieces of a
+    build that failed or was killed. A finished bundle (with its manifest) is never touched."""
+    if (out_dir / MANIFEST_FILE).exists() or not out_dir.is_dir():
+        return
+    marker = out_dir / OUTSIDE_MARKER
+    if marker.is_file():  # the outside catalogue folder this unfinished build published
+        shutil.rmtree(marker.read_text().strip(), ignore_errors=True)
+    for name in (CATALOGUE_DIR, MODEL_FILE, EMBEDDINGS_FILE, f"{EMBEDDINGS_FILE}.partial", OUTSIDE_MARKER):
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def build(args, ctx):
     out_dir = Path(args.out_dir)
     model, categories, preprocess = model_from_checkpoint(load_checkpoint(args.checkpoint))
@@ -111,14 +130,31 @@ def build(args, ctx):
     if not items:
         raise ValueError(f"no readable photos left in the catalogue under {args.data_dir}")
     normalize = not args.no_normalize
-    embed_catalogue_to_file(ctx, out_dir / EMBEDDINGS_FILE, model, args.data_dir, items, categories, preprocess,
-                            normalize, args.batch_size, args.workers)
-    manifest = None
+    if (out_dir / MANIFEST_FILE).exists():
+        raise FileExistsError(f"{out_dir} already holds a bundle: a bundle is written once; choose another --out-dir")
     if ctx.is_main:
-        manifest = publish_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess,
-                                  items=items, embeddings=out_dir / EMBEDDINGS_FILE, normalize=normalize,
-                                  catalogue_dir=args.catalogue_dir, profile=args.profile, factory=args.factory,
-                                  search=args.search, notes=f"built from {args.checkpoint}", image_root=args.data_dir)
+        clear_unfinished(out_dir)  # what a run killed before its manifest left
+    if args.catalogue_dir and Path(args.catalogue_dir).exists():
+        raise FileExistsError(f"{args.catalogue_dir} exists: a catalogue folder is written once; choose a new name")
+    distributed.barrier(ctx)
+    try:
+        embed_catalogue_to_file(ctx, out_dir / EMBEDDINGS_FILE, model, args.data_dir, items, categories, preprocess,
+                                normalize, args.batch_size, args.workers)
+        manifest = None
+        if ctx.is_main:
+            if args.catalogue_dir:
+                write_atomically(out_dir / OUTSIDE_MARKER, str(Path(args.catalogue_dir).resolve()))
+            manifest = publish_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess,
+                                      items=items, embeddings=out_dir / EMBEDDINGS_FILE, normalize=normalize,
+                                      catalogue_dir=args.catalogue_dir, profile=args.profile, factory=args.factory,
+                                      search=args.search, notes=f"built from {args.checkpoint}",
+                                      image_root=args.data_dir)
+    except BaseException:
+        if ctx.is_main:
+            clear_unfinished(out_dir)
+        raise
+    if ctx.is_main:
+        (out_dir / OUTSIDE_MARKER).unlink(missing_ok=True)
         where = "bundled" if manifest["catalogue"]["bundled"] else f"outside, in {manifest['catalogue']['path']}"
         catalogue = read_manifest(catalogue_folder(out_dir, manifest))
         print(f"indexed {catalogue['count']} items ({catalogue['profile']}: {catalogue['factory']}, "

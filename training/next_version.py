@@ -4,32 +4,42 @@ its quantizer) or with retrained weights (--checkpoint), packed as <name>-v<N>.m
 recorded with each version). Unknown options go to serving.build_archive. See docs/versions.md."""
 import argparse
 import filecmp
-import json
 import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+import numpy as np
+
 from serving.build_archive import main as build_archive
 from serving.torchserve import MODEL_STORE
+from serving.version_record import append_version, changes_path, line_lock, read_record, record_path
 from training.build_index import EMBEDDINGS_FILE, embed_catalogue_to_file
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.distributed import Context, pick_device
+from training.embedding import embed_items
 from training.photo_check import check_photos
 from training.publish import publish_bundle, write_bundle
+from visual_search import EMBEDDING_DIM
 from visual_search.bundle import CATALOGUE_DIR, MANIFEST_FILE, catalogue_folder, load_bundle
+from visual_search.bundle import read_manifest as read_bundle_manifest
 from visual_search.catalogue.build import update_catalogue
+from visual_search.catalogue.changes import ChangeLog
+from visual_search.catalogue.live import ChangeFollower
 from visual_search.cli import HelpFormatter
-from visual_search.errors import BundleError
-from visual_search.fileio import utc_now, write_json
+from visual_search.errors import BundleError, CatalogueError
+from visual_search.fileio import copy_into, staging_folder, utc_now, write_atomically
 from visual_search.items import scan_folder
+from visual_search.model import TrainedModel
+from visual_search.runtime import Runtime
 
 USAGE = """examples:
   python -m training.next_version --name visual-search --bundle runs/demo/bundle --data-dir data/fashion-mnist/images
   python -m training.next_version --name visual-search --add data/new_photos
   python -m training.next_version --name visual-search --remove sku-17 sku-18
   python -m training.next_version --name visual-search --checkpoint runs/new/best.pt
+  python -m training.next_version --name visual-search --compact      # fold the change log into a version
 """
 
 ADDED_EMBEDDINGS_FILE = "added-embeddings.npy"  # beside the new bundle: the vectors of the added photos
@@ -51,6 +61,9 @@ def get_args(argv=None):
     p.add_argument("--remove", nargs="+", default=[], metavar="ID", help="ids of items to take out")
     p.add_argument("--remove-file", default=None, help="a text file of ids to take out, one a line")
     p.add_argument("--checkpoint", default=None, help="retrained checkpoint: re-embed every item with it")
+    p.add_argument("--compact", action="store_true",
+                   help="fold the listings added and removed through the change log (serving.listings) into the "
+                        "next version; --add and --remove do this too")
     p.add_argument("--data-dir", default=None, help="the catalogue image folder, which every item's image "
                                                     "reference is relative to; --add copies new photos into it "
                                                     "and --checkpoint re-embeds from it (default: the one "
@@ -66,20 +79,6 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- the record
-
-def record_path(args):
-    return Path(args.model_store) / f"{args.name}.versions.json"
-
-
-def read_record(args):
-    path = record_path(args)
-    if not path.is_file():
-        return {"model": args.name, "versions": []}
-    record = json.loads(path.read_text())
-    if record.get("model") != args.name:
-        raise ValueError(f"{path} records model {record.get('model')!r}, not {args.name!r}")
-    return record
-
 
 def next_number(record):
     return 1 + max((int(float(v["version"])) for v in record["versions"]), default=0)
@@ -98,10 +97,11 @@ def remembered(archive_options):
     return kept
 
 
-def pack(args, record, bundle_dir, manifest, change, archive_options, data_dir):
-    """Packs `bundle_dir` as the next version and appends it to the record; returns the record entry."""
-    number = next_number(record)
+def pack(args, number, bundle_dir, manifest, change, archive_options, data_dir, undo):
+    """Packs `bundle_dir` as version `number` and appends it to the record, the run's commit point; returns the
+    record entry."""
     version, archive = f"{number}.0", f"{args.name}-v{number}"
+    undo.add(Path(args.model_store) / f"{archive}.mar")
     build_archive(["--bundle", str(bundle_dir), "--name", args.name, "--version", version, "--out-name", archive,
                    "--model-store", args.model_store, *archive_options])
     reference = manifest["catalogue"]
@@ -115,12 +115,51 @@ def pack(args, record, bundle_dir, manifest, change, archive_options, data_dir):
         "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
         "archive_options": remembered(archive_options),
     }
-    record["versions"].append(entry)
-    write_json(record_path(args), record, replace=True)
+    append_version(args.model_store, args.name, entry)
+    undo.commit()
     where = "bundled" if entry["bundled"] else f"outside, in {entry['catalogue_dir']}"
     print(f"version {version}: {change} ({entry['items']} items, catalogue {where}) -> "
-          f"{Path(args.model_store) / entry['archive']}")
+          f"{Path(args.model_store) / entry['archive']}", flush=True)
     return entry
+
+
+class Undo:
+    """What a run created, removed again if the run fails before its commit (the record's new entry)."""
+
+    def __init__(self):
+        self.paths, self.committed = [], False
+
+    def add(self, path):
+        self.paths.append(Path(path))
+        return path
+
+    def commit(self):
+        self.committed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if kind is not None and not self.committed:
+            for path in reversed(self.paths):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        return False
+
+
+def remove_orphans(args, record, number, source_dir):
+    """The archive, bundle and catalogue folders of version `number` that a run killed before its commit left
+    behind: nothing records them, so nothing serves them; under the line's lock they are removed."""
+    recorded = {str(Path(v["bundle"])) for v in record["versions"]} | {v["catalogue_dir"] for v in record["versions"]}
+    candidates = [Path(args.model_store) / f"{args.name}-v{number}.mar"]
+    if not args.out_dir:
+        candidates.append(source_dir.resolve().parent / f"{args.name}-v{number}")
+    for path in candidates:
+        if path.exists() and str(path.resolve()) not in recorded:
+            print(f"removing {path}, left by a run that did not finish", flush=True)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -157,13 +196,17 @@ def check_copies(items, source_root, folder):
                          " (rename the new photo: its file name is its id)")
 
 
-def copy_into_folder(items, source_root, folder):
-    """Copies each new item's photo to <folder>/<category>/<file>; identical files already there are kept."""
+def copy_into_folder(items, source_root, folder, undo):
+    """Copies each new item's photo to <folder>/<category>/<file>, durably and never over another file;
+    identical files already there are kept."""
     check_copies(items, source_root, folder)
     for it in items:
-        (folder / it.image).parent.mkdir(parents=True, exist_ok=True)
-        if not (folder / it.image).exists():
-            shutil.copy2(source_root / it.image, folder / it.image)
+        target = folder / it.image
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            photo = source_root / it.image
+            write_atomically(target, lambda f, photo=photo: copy_into(photo, f), stat_from=photo)
+            undo.add(target)
 
 
 # ---------------------------------------------------------------------------------------------- the change
@@ -184,18 +227,26 @@ def named(ids):
     return ", ".join(ids[:SHOWN_IDS]) + more
 
 
-def check_change(catalogue, source_dir, remove, new_items):
-    """Refuses unknown ids to remove, new ids already in the catalogue (unless removed in the same run), and an
-    update that would leave no item; a lookup of the changed ids only."""
-    found = catalogue.items.keys_of(remove)
-    unknown = [i for i in remove if i not in found]
+def check_change(catalogue, source_dir, remove, new_items, vectors):
+    """Refuses ids to remove that are not live, new ids that are live (unless removed in the same run, or the same
+    listing a killed run already added: those are left out), and a change that would leave no item. Returns the
+    new items and their vectors that are still to add."""
+    unknown = [i for i in remove if not catalogue.contains(i)]
     if unknown:
         raise ValueError(f"not in the catalogue of {source_dir}: {named(unknown)}")
-    clashes = set(catalogue.items.keys_of([it.id for it in new_items])) - set(remove)
+    removing, todo, clashes = set(remove), [], []
+    for item, vector in zip(new_items, vectors):
+        if item.id in removing or not catalogue.contains(item.id):
+            todo.append((item, vector))
+            continue
+        _, live = catalogue.listing(item.id)
+        if live.category != item.category or not np.allclose(catalogue.vector(item.id), vector, atol=1e-5):
+            clashes.append(item.id)
     if clashes:
         raise ValueError(f"ids already in the catalogue: {named(clashes)} (remove them first to replace)")
-    if catalogue.count - len(remove) + len(new_items) <= 0:
+    if catalogue.live_count - len(remove) + len(todo) <= 0:
         raise ValueError("removing every item would leave an empty catalogue")
+    return todo
 
 
 def new_catalogue_folder(source, out_dir, name, number):
@@ -226,60 +277,87 @@ def index_plan(catalogue_manifest):
     return {"profile": catalogue_manifest["profile"]}
 
 
-def embed_to_file(args, path, model, root, items, categories, preprocess, normalize, out_dir):
-    """Checks that every photo decodes (listing the ones that do not), then streams the embeddings to `path`."""
+def embed_photos(args, model, preprocess, normalize, root, items, out_dir, categories):
+    """Checks that every photo decodes (listing the ones that do not), then embeds them with the serving runtime:
+    float32 [len(items), 2048]."""
     ctx = Context(device=pick_device(args.device))
     check_photos(ctx, root, items, out_dir, size=preprocess.image_size, workers=args.embed_workers)
-    return embed_catalogue_to_file(ctx, path, model, root, items, categories, preprocess, normalize,
-                                   args.embed_batch_size, args.embed_workers)
+    runtime = Runtime(TrainedModel(model, preprocess, normalize), ctx.device)
+    embeddings, _ = embed_items(runtime, root, items, categories, args.embed_batch_size, args.embed_workers,
+                                desc="embedding new photos")
+    return embeddings
 
 
-def updated_in_place(args, source, out_dir, folder, new_catalogue, remove, new_items, notes):
-    """--add / --remove: the source catalogue updated into `new_catalogue`, only the new photos embedded."""
-    vectors = None
-    if new_items:
-        vectors = embed_to_file(args, out_dir / ADDED_EMBEDDINGS_FILE, source.model, args.add, new_items,
-                                source.categories, source.preprocess, source.normalize, out_dir)
-        copy_into_folder(new_items, Path(args.add), folder)
-        if args.image_prefix:
-            new_items = [replace(it, image=args.image_prefix + it.image) for it in new_items]
-    update_catalogue(source.catalogue.folder, new_catalogue, add_items=new_items, add_embeddings=vectors,
-                     remove_ids=remove, notes=notes)
+def folded(catalogue, log, until, weights):
+    """(adds as Changes, ids to take out of the sealed catalogue) that fold the log's changes after what the
+    catalogue holds, up to `until`: the last change of each id wins."""
+    last = {}
+    for change in log.since(int(catalogue.manifest.get("changes_folded", 0)), until):
+        last[change.id] = change
+    adds = [change for change in last.values() if change.op == "add"]
+    foreign = [change.id for change in adds if change.weights != weights]
+    if foreign:
+        raise ValueError(f"the change log holds additions embedded by other weights ({named(foreign)}): build "
+                         f"this version with --checkpoint, which embeds every listing again")
+    sealed = catalogue.items.keys_of(list(last))
+    return adds, [item_id for item_id in last if item_id in sealed]
+
+
+def write_vectors(path, changes):
+    """The vectors of `changes` as a float32 .npy [len, 2048], written row by row (bounded memory)."""
+    rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(changes), EMBEDDING_DIM))
+    for row, change in enumerate(changes):
+        rows[row] = change.vector
+    rows.flush()
+    del rows
+    return path
+
+
+def folded_in_place(args, source, log, until, out_dir, folder, new_catalogue, notes):
+    """The source's catalogue updated into `new_catalogue` with the log's changes up to `until`: only new photos
+    were embedded; the quantizer and the old vectors are kept."""
+    adds, remove = folded(source.catalogue, log, until, source.manifest["weights_sha256"])
+    vectors = write_vectors(out_dir / ADDED_EMBEDDINGS_FILE, adds) if adds else None
+    update_catalogue(source.catalogue.folder, new_catalogue, add_items=[change.item for change in adds],
+                     add_embeddings=vectors, remove_ids=remove, notes=notes, changes_folded=until)
     return write_bundle(out_dir, model=source.model.cpu(), categories=source.categories,
                         preprocess=source.preprocess, catalogue_dir=new_catalogue, normalize=source.normalize,
                         runtime=source.manifest.get("runtime"), notes=notes, image_root=folder)
 
 
-def re_embedded(args, source, out_dir, folder, new_catalogue, remove, new_items, notes):
-    """--checkpoint: every item (less the removed, plus the new) embedded with the retrained weights from the
-    catalogue image folder, published as a fresh catalogue with the source's index profile."""
+def re_embedded(args, source, log, until, out_dir, folder, new_catalogue, notes):
+    """--checkpoint: every live listing embedded with the retrained weights from the catalogue image folder,
+    published as a fresh catalogue with the source's index profile, holding the log up to `until`."""
     model, categories, preprocess = model_from_checkpoint(load_checkpoint(args.checkpoint))
-    if new_items:
-        copy_into_folder(new_items, Path(args.add), folder)
-        if args.image_prefix:
-            new_items = [replace(it, image=args.image_prefix + it.image) for it in new_items]
-    removed = set(remove)
-    items = [it for it in source.catalogue.all_items() if it.id not in removed] + new_items
-    path = embed_to_file(args, out_dir / EMBEDDINGS_FILE, model, folder, [local_image(it) for it in items],
-                         categories, preprocess, source.normalize, out_dir)
+    items = source.catalogue.all_items()
+    path = out_dir / EMBEDDINGS_FILE
+    ctx = Context(device=pick_device(args.device))
+    check_photos(ctx, folder, [local_image(it) for it in items], out_dir, size=preprocess.image_size,
+                 workers=args.embed_workers)
+    embed_catalogue_to_file(ctx, path, model, folder, [local_image(it) for it in items], categories, preprocess,
+                            source.normalize, args.embed_batch_size, args.embed_workers)
     bundled = source.manifest["catalogue"].get("bundled")
     return publish_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess, items=items,
                           embeddings=path, normalize=source.normalize,
                           catalogue_dir=None if bundled else new_catalogue, **index_plan(source.catalogue.manifest),
-                          runtime=source.manifest.get("runtime"), notes=notes, image_root=folder)
+                          runtime=source.manifest.get("runtime"), notes=notes, image_root=folder, changes_folded=until)
 
 
 def update(args):
-    record = read_record(args)
-    latest = record["versions"][-1] if record["versions"] else None
-    if not args.bundle and not latest:
-        raise ValueError(f"no versions recorded in {record_path(args)}: pass --bundle, the current bundle")
-    source_dir = Path(args.bundle or latest["bundle"])
-    source = load_bundle(source_dir)
-    try:
-        return update_from(args, record, latest, source_dir, source)
-    finally:
-        source.catalogue.close()
+    store = Path(args.model_store)
+    with line_lock(store, args.name):
+        record = read_record(store, args.name)
+        latest = record["versions"][-1] if record["versions"] else None
+        if not args.bundle and not latest:
+            raise ValueError(f"no versions recorded in {record_path(store, args.name)}: pass --bundle, the current "
+                             f"bundle")
+        source_dir = Path(args.bundle or latest["bundle"])
+        remove_orphans(args, record, next_number(record), source_dir)
+        source = load_bundle(source_dir)
+        try:
+            return update_from(args, record, latest, source_dir, source)
+        finally:
+            source.catalogue.close()
 
 
 def update_from(args, record, latest, source_dir, source):
@@ -289,7 +367,6 @@ def update_from(args, record, latest, source_dir, source):
         archive_options = latest["archive_options"] + archive_options
     remove = ids_to_remove(args)
     new_items = scan_folder(args.add) if args.add else []
-    check_change(source.catalogue, source_dir, remove, new_items)  # before anything is written
     if args.add:
         folder = need_folder(folder, "--add")
         check_copies(new_items, Path(args.add), folder)
@@ -297,36 +374,73 @@ def update_from(args, record, latest, source_dir, source):
         folder = need_folder(folder, "--checkpoint")
     first = latest is None
     if first:  # the source becomes version 1, so that there is something to roll back to
-        latest = pack(args, record, source_dir, source.manifest, f"initial catalogue from {source_dir}",
-                      archive_options, folder)
-    if not (args.add or remove or args.checkpoint):
+        with Undo() as undo:
+            latest = pack(args, 1, source_dir, source.manifest, f"initial catalogue from {source_dir}",
+                          archive_options, folder, undo)
+        record = read_record(args.model_store, args.name)
+    if not (args.add or remove or args.checkpoint or args.compact):
         if first:
             return latest
-        raise ValueError("nothing to change: pass --add, --remove or --checkpoint")
+        raise ValueError("nothing to change: pass --add, --remove, --checkpoint or --compact")
 
-    number = next_number(record)
-    out_dir = Path(args.out_dir) if args.out_dir else source_dir.parent / f"{args.name}-v{number}"
-    new_catalogue = new_catalogue_folder(source, out_dir, args.name, number)
-    refuse_existing(out_dir, new_catalogue)
+    weights = source.manifest["weights_sha256"]
+    log = ChangeLog(changes_path(args.model_store, args.name), write=True, line=args.name)
+    try:
+        follower = ChangeFollower(source.catalogue, log.path, weights)  # the source as served now: sealed plus log
+        number = next_number(record)
+        out_dir = Path(args.out_dir) if args.out_dir else source_dir.parent / f"{args.name}-v{number}"
+        new_catalogue = new_catalogue_folder(source, out_dir, args.name, number)
+        refuse_existing(out_dir, new_catalogue)
+        with Undo() as undo:
+            vectors = (embed_photos(args, source.model, source.preprocess, source.normalize, Path(args.add),
+                                    new_items, out_dir.parent, source.categories) if new_items else [])
+            todo = check_change(source.catalogue, source_dir, remove, new_items, vectors)  # before anything is written
+            copy_into_folder([item for item, _ in todo], Path(args.add), folder, undo) if todo else None
+            added = [(replace(item, image=args.image_prefix + item.image) if args.image_prefix else item, vector)
+                     for item, vector in todo]
+            sealed = source.catalogue.items.keys_of
+            log.append(remove, added, weights, in_base=lambda item_id: item_id in sealed([item_id]))
+            undo.commit()  # the changes are live now, on every version of the line
+        follower.refresh()
+        until = follower.applied
+        if until == int(source.catalogue.manifest.get("changes_folded", 0)) and not args.checkpoint:
+            raise ValueError(f"nothing to fold: the change log holds no change after what {source_dir} holds")
+        return build_version(args, source, log, until, number, out_dir, new_catalogue, folder, archive_options,
+                             latest, remove, new_items)
+    finally:
+        log.close()
 
+
+def build_version(args, source, log, until, number, out_dir, new_catalogue, folder, archive_options, latest,
+                  remove, new_items):
+    """The next version, holding the log up to `until`: a bundle staged and renamed, its archive, then the record."""
     changes = [f"retrained weights from {args.checkpoint}"] if args.checkpoint else []
     if remove:
         changes.append(f"removed {len(remove)} item(s): {named(remove)}")
     if new_items:
         changes.append(f"added {len(new_items)} item(s) from {args.add}, copied into {folder}")
+    unfolded = until - int(source.catalogue.manifest.get("changes_folded", 0))
+    changes.append(f"folded the change log up to {until} ({unfolded} change(s))")
     if args.note:
         changes.append(args.note)
     notes = f"version {number}.0 from {latest['version']}: {'; '.join(changes)}"
-    make = re_embedded if args.checkpoint else updated_in_place
-    manifest = make(args, source, out_dir, folder, new_catalogue, remove, new_items, notes)
-    return pack(args, record, out_dir, manifest, "; ".join(changes), archive_options, folder)
+    make = re_embedded if args.checkpoint else folded_in_place
+    with Undo() as undo:
+        if not source.manifest["catalogue"].get("bundled"):
+            undo.add(new_catalogue)
+        undo.add(out_dir)
+        with staging_folder(out_dir) as staged:
+            staged_catalogue = staged / CATALOGUE_DIR if source.manifest["catalogue"].get("bundled") else new_catalogue
+            make(args, source, log, until, staged, folder, staged_catalogue, notes)
+        manifest = read_bundle_manifest(out_dir)
+        return pack(args, number, out_dir, manifest, "; ".join(changes), archive_options, folder, undo)
 
 
 def main(argv=None):
     args = get_args(argv)
     try:
         return update(args)
-    except (BundleError, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (BundleError, CatalogueError, ValueError, FileNotFoundError, FileExistsError, BlockingIOError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -1,6 +1,5 @@
 """Writing bundles: the weights and manifest for a published catalogue folder, or a catalogue published from
 embeddings and its bundle in one step (visual_search.bundle reads them)."""
-import shutil
 from pathlib import Path
 
 import torch
@@ -45,15 +44,15 @@ def write_bundle(out_dir, *, model, categories, preprocess, catalogue_dir, norma
 
 
 def publish_bundle(out_dir, *, model, categories, preprocess, items, embeddings, normalize, catalogue_dir=None,
-                   profile=None, factory=None, search=None, runtime=None, notes="", image_root=None, progress=True):
+                   profile=None, factory=None, search=None, runtime=None, notes="", image_root=None, progress=True,
+                   changes_folded=0):
     """Publishes a catalogue from `embeddings` (a .npy path or an array, rows in `items` order) and writes the
-    bundle for it. The catalogue goes to <out_dir>/catalogue (bundled; replaced if there) or to `catalogue_dir`
-    (outside; written once, never replaced)."""
+    bundle for it. The catalogue goes to <out_dir>/catalogue (bundled) or to `catalogue_dir` (outside); either is
+    written once and never replaced."""
     out_dir = Path(out_dir)
     target = Path(catalogue_dir) if catalogue_dir else out_dir / CATALOGUE_DIR
-    if not catalogue_dir and target.exists():
-        shutil.rmtree(target)  # the bundle's own catalogue, rebuilt with it
     publish_catalogue(target, embeddings, items, categories=categories, profile=profile, factory=factory,
-                      search=search, normalize=normalize, progress=progress, notes=notes)
+                      search=search, normalize=normalize, progress=progress, notes=notes,
+                      changes_folded=changes_folded)
     return write_bundle(out_dir, model=model, categories=categories, preprocess=preprocess, catalogue_dir=target,
                         normalize=normalize, runtime=runtime, notes=notes, image_root=image_root)

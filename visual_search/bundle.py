@@ -2,7 +2,6 @@
 runtime, the weights' sha256, the reference of its catalogue) and the catalogue folder, bundled or outside. This is
 the read side, checked at load; training.publish writes bundles."""
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,13 +10,12 @@ import torch
 from . import ARCHIVE_FORMAT_VERSION, EMBEDDING_DIM
 from .catalogue import open_catalogue
 from .errors import BundleError, CatalogueError
-from .fileio import sha256_file
+from .fileio import sha256_file, under_catalogues
 from .model import ProductNet
 from .preprocessing import PreprocessSettings
 
 MODEL_FILE, MANIFEST_FILE, CATALOGUE_DIR = "model.pt", "manifest.json", "catalogue"
 BUNDLE_FILES = (MODEL_FILE, MANIFEST_FILE)
-CATALOGUES_ENV = "VISUAL_SEARCH_CATALOGUES"
 
 
 @dataclass
@@ -57,10 +55,7 @@ def catalogue_folder(bundle_dir, manifest, override=None):
     """Where the bundle's catalogue is: `override` (relative: under $VISUAL_SEARCH_CATALOGUES), the bundled
     folder, or the path recorded in the manifest."""
     if override:
-        path = Path(os.path.expandvars(str(override)))
-        if not path.is_absolute():
-            path = Path(os.environ.get(CATALOGUES_ENV, ".")) / path
-        return path
+        return under_catalogues(override)
     reference = manifest["catalogue"]
     if reference.get("bundled"):
         return Path(bundle_dir) / CATALOGUE_DIR

@@ -2,6 +2,7 @@
 import ctypes
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -13,8 +14,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+CATALOGUES_ENV = "VISUAL_SEARCH_CATALOGUES"  # where relative catalogue and change-log settings are taken from
 RENAME_NOREPLACE = 1
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+
+
+def under_catalogues(setting):
+    """The path a setting names ($VARS expanded); a relative one is taken under $VISUAL_SEARCH_CATALOGUES."""
+    path = Path(os.path.expandvars(str(setting)))
+    return path if path.is_absolute() else Path(os.environ.get(CATALOGUES_ENV, ".")) / path
 
 
 def utc_now():
@@ -77,9 +85,28 @@ def rename_noreplace(source, target):
 
 
 def temporary_name(path):
-    """A unique hidden name beside `path`, for writing it."""
+    """A unique hidden name beside `path`, for writing it: .<name>.<pid>.<random>.partial."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+
+
+def remove_stale_partials(path):
+    """Removes the temporary files or folders beside `path` whose writer process is gone (killed mid-write)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        pid = stale.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def write_atomically(path, data, replace=False, stat_from=None):
@@ -88,6 +115,7 @@ def write_atomically(path, data, replace=False, stat_from=None):
     (a state file updated under its lock). `stat_from`: a file whose mode and times the new one takes. A failure
     leaves nothing behind. Returns `path`."""
     path = Path(path)
+    remove_stale_partials(path)
     tmp = temporary_name(path)
     try:
         with open(tmp, "xb") as f:
@@ -108,6 +136,12 @@ def write_atomically(path, data, replace=False, stat_from=None):
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def copy_into(path, file):
+    """Copies the file at `path` into the open binary `file` (a write_atomically writer)."""
+    with open(path, "rb") as source:
+        shutil.copyfileobj(source, file, 1 << 20)
 
 
 def write_json(path, value, replace=False):
@@ -131,6 +165,7 @@ def staging_folder(final):
     if final.exists():
         raise FileExistsError(f"{final} exists: it is written once; choose a new name")
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(final)
     tmp = temporary_name(final)
     tmp.mkdir()
     try:

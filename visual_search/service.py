@@ -11,7 +11,9 @@ import torch
 
 from .bundle import load_bundle
 from .catalogue import SearchRequest
+from .catalogue.live import ChangeFollower
 from .errors import InputError, VisualSearchError
+from .fileio import under_catalogues
 from .request import Limits, compact_json, error_answer
 from .runtime import CoreShare, Runtime, RuntimeSettings
 
@@ -64,16 +66,17 @@ def internal_error(what):
 class SearchService:
     """The model, its catalogue and the request limits of one archive, answering batches of rows."""
 
-    def __init__(self, bundle, runtime, limits, cores, model_name=None, version=None):
+    def __init__(self, bundle, runtime, limits, cores, model_name=None, version=None, follower=None):
         self.bundle, self.runtime, self.limits, self.cores = bundle, runtime, limits, cores
-        self.catalogue = bundle.catalogue
+        self.catalogue, self.follower = bundle.catalogue, follower
         self.model_name, self.version = model_name, version
         self.categories = np.array(bundle.categories)
 
     @classmethod
     def load(cls, model_dir, settings=None, gpu_id=None, batch_size=1, model_name=None, version=None):
         """Loads the bundle in `model_dir` (raises on any mismatch) with the handler `settings` of its
-        model-config.yaml (catalogue_dir, default_k, max_k, threads), on CUDA device `gpu_id` when there is one."""
+        model-config.yaml (catalogue_dir, default_k, max_k, threads, changes: the line's change log), on CUDA
+        device `gpu_id` when there is one."""
         settings = settings or {}
         cores = CoreShare(settings.get("threads"))
         bundle = load_bundle(model_dir, catalogue_dir=settings.get("catalogue_dir"))
@@ -85,7 +88,11 @@ class SearchService:
         runtime = Runtime(bundle, device, runtime_settings, warmup_batch=batch_size)
         limits = Limits(default_k=int(settings.get("default_k", 4)),
                         max_k=min(int(settings.get("max_k", 100)), bundle.catalogue.count))
-        service = cls(bundle, runtime, limits, cores, model_name, version)
+        follower = None
+        if settings.get("changes"):
+            follower = ChangeFollower(bundle.catalogue, under_catalogues(settings["changes"]),
+                                      bundle.manifest["weights_sha256"])
+        service = cls(bundle, runtime, limits, cores, model_name, version, follower)
         log.info("loaded %s v%s: catalogue %s (%d items, %s) on %s, runtime %s, %d threads (warm-up %.1f s)",
                  model_name, version, service.catalogue.folder, service.catalogue.count,
                  service.catalogue.manifest["factory"], device, runtime.settings.to_dict(), cores.threads,
@@ -95,6 +102,10 @@ class SearchService:
     def handle(self, rows, headers, kinds=None, metrics=NoMetrics()):
         """One Answer per row. `kinds`: per row "predict", "explain" or "describe" (default: all predict)."""
         self.cores.update()
+        if self.follower is not None:
+            with metrics.timed("Changes"):
+                self.follower.refresh()
+            self.record_changes(metrics)
         kinds = list(kinds or ["predict"] * len(rows))
         with metrics.timed("Preprocess"):
             skip = {i for i, kind in enumerate(kinds) if kind != "predict"}
@@ -108,6 +119,14 @@ class SearchService:
             if isinstance(error, VisualSearchError):
                 metrics.rejection(error)
         return answers
+
+    def record_changes(self, metrics):
+        """The overlay's gauges: changes not yet folded, the log's length, the lag at this batch, overlay bytes."""
+        follower = self.follower
+        metrics.gauge("UnfoldedChanges", follower.unfolded)
+        metrics.gauge("ChangeLogLength", follower.applied)
+        metrics.gauge("ChangeLag", follower.lag)
+        metrics.gauge("OverlayBytes", follower.overlay.nbytes, "bytes")
 
     def infer(self, prepared, metrics=NoMetrics()):
         """The model on the batch's photos, then the catalogue for every row that asks for similar items."""
@@ -197,4 +216,8 @@ class SearchService:
                 "embedding_dim": manifest["embedding_dim"],
                 "preprocess": manifest["preprocess"], "runtime": self.runtime.settings.to_dict(),
                 "default_k": self.limits.default_k, "max_k": self.limits.max_k, "threads": self.cores.threads,
-                "workers_on_host": self.cores.workers, "pid": os.getpid()}
+                "workers_on_host": self.cores.workers, "pid": os.getpid(),
+                "changes": None if self.follower is None else {
+                    "log": str(self.follower.log_path), "folded": self.follower.folded,
+                    "applied": self.follower.applied, "added": self.follower.overlay.count,
+                    "removed": self.follower.overlay.removed_count, "live_items": self.catalogue.live_count}}

@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from serving.torchserve import DEFAULT_STATE, ROOT
+from visual_search.catalogue.changes import CHANGES_SUFFIX
 from visual_search.cli import HelpFormatter
 from web.images import DEFAULT_REMEMBERED, ServableImages, answer_items, image_url, resolve_image
 from web.middleware import BodyLimit, BodyTooLarge, SameOrigin, SecurityHeaders, normal_origin
@@ -44,6 +45,7 @@ class Settings:
     versions: tuple = ()  # offered besides the default
     allowed_origins: tuple = ()  # other origins whose pages may POST here
     remembered_images: int = DEFAULT_REMEMBERED
+    changes: Path = None  # the line's change log (default: <model store>/<model>.changes.sqlite)
 
 
 def reason(status, message):
@@ -88,7 +90,8 @@ def create_app(settings):
     client = InferenceClient(endpoints, settings.model, timeout=settings.timeout)
     versions = Versions(settings.model, ModelStore(endpoints.model_store, settings.model), settings.images,
                         ask_default=client.default_version, allowed=settings.versions)
-    images = ServableImages(settings.remembered_images)
+    changes = settings.changes or Path(endpoints.model_store) / f"{settings.model}{CHANGES_SUFFIX}"
+    images = ServableImages(settings.remembered_images, changes)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -204,6 +207,8 @@ def get_args(argv=None):
     p.add_argument("--allowed-origin", type=origin_option, action="append", default=[],
                    help="another origin (https://search.example.com) whose pages may POST here, such as the "
                         "address of a reverse proxy; repeatable or comma-separated (default: this page's own only)")
+    p.add_argument("--changes", default=None, help="the catalogue line's change log: a removed listing's image is "
+                                                   "not served (default: <model store>/<model>.changes.sqlite)")
     p.add_argument("--remembered-images", type=positive_int, default=DEFAULT_REMEMBERED,
                    help="how many image references from recent answers the front serves; the least recently used "
                         f"are forgotten first (default {DEFAULT_REMEMBERED})")
@@ -231,6 +236,7 @@ def main(argv=None):
     settings = Settings(images=images.resolve(), state_dir=Path(args.state_dir), model=args.model,
                         max_upload_bytes=int(args.max_upload_mb * 1e6), timeout=args.timeout,
                         versions=tuple(args.versions), remembered_images=args.remembered_images,
+                        changes=Path(args.changes) if args.changes else None,
                         allowed_origins=tuple(o for group in args.allowed_origin for o in group))
     print(f"search page: http://{args.host}:{args.port}/  (catalogue images from {settings.images})", flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")

@@ -6,6 +6,7 @@ from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import quote
 
+from visual_search.catalogue.changes import ChangeLog
 from visual_search.images import IMAGE_SUFFIXES
 
 DEFAULT_REMEMBERED = 100_000
@@ -49,28 +50,44 @@ def answer_items(answer):
 
 
 class ServableImages:
-    """The image references of the answers the front forwarded: the `capacity` most recently used, thread-safe."""
+    """The image references of the answers the front forwarded, with their listing ids: the `capacity` most recently
+    used, thread-safe. With the line's change log (`changes`), a listing removed since is not served."""
 
-    def __init__(self, capacity=DEFAULT_REMEMBERED):
+    def __init__(self, capacity=DEFAULT_REMEMBERED, changes=None):
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
-        self.capacity = capacity
+        self.capacity, self.changes_path, self.changes = capacity, Path(changes) if changes else None, None
         self._seen, self._lock = OrderedDict(), threading.Lock()
 
     def record(self, answer):
-        """Remembers every folder image reference in a forwarded answer."""
+        """Remembers every folder image reference in a forwarded answer, and its listing id."""
         with self._lock:
             for item in answer_items(answer):
                 if not is_url(item["image"]):
-                    self._seen[item["image"]] = None
+                    self._seen[item["image"]] = item.get("id")
                     self._seen.move_to_end(item["image"])
             while len(self._seen) > self.capacity:
                 self._seen.popitem(last=False)
 
     def is_servable(self, reference):
-        """Whether the front may serve `reference`: it appeared in an answer the front forwarded."""
+        """Whether the front may serve `reference`: it appeared in an answer the front forwarded, and its listing
+        has not been removed since."""
         with self._lock:
             if reference not in self._seen:
                 return False
             self._seen.move_to_end(reference)
+            item_id = self._seen[reference]
+            if self._removed(item_id):
+                del self._seen[reference]
+                return False
             return True
+
+    def _removed(self, item_id):
+        if item_id is None or self.changes_path is None:
+            return False
+        if self.changes is None:
+            if not self.changes_path.is_file():
+                return False
+            self.changes = ChangeLog(self.changes_path)
+        last = self.changes.latest(item_id)
+        return last is not None and last.op == "remove"

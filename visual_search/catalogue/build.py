@@ -84,7 +84,7 @@ def sample_positions(count, rows, seed):
 
 
 def publish_catalogue(out_dir, embeddings, items, *, categories=None, profile=None, factory=None, search=None,
-                      normalize=True, chunk_rows=CHUNK_ROWS, seed=0, progress=True, notes=""):
+                      normalize=True, chunk_rows=CHUNK_ROWS, seed=0, progress=True, notes="", changes_folded=0):
     """Writes a new catalogue folder from embeddings (a .npy path, read in chunks, or an array) [N, 2048] and
     N items (catalogue.Item, rows in the same order). Returns the manifest.
 
@@ -143,7 +143,7 @@ def publish_catalogue(out_dir, embeddings, items, *, categories=None, profile=No
                 **plan.to_dict(), "mmap_flag": flag,
                 "training": {"rows": rows, "catalogue_items": count, "seed": seed,
                              "seconds": round(timings.get("train", 0), 2)},
-                "changed_since_training": 0,
+                "changed_since_training": 0, "changes_folded": int(changes_folded),
                 "segments": [Segment(segment_name(0), 0, count).to_dict()],
                 "build_seconds": {k: round(v, 2) for k, v in timings.items()},
             }
@@ -177,11 +177,12 @@ def _derived(source_manifest, change, notes):
 
 
 def update_catalogue(source_dir, out_dir, *, add_items=(), add_embeddings=None, remove_ids=(),
-                     chunk_rows=CHUNK_ROWS, progress=True, notes=""):
+                     chunk_rows=CHUNK_ROWS, progress=True, notes="", changes_folded=None):
     """The next version of a catalogue: `source_dir` minus `remove_ids` plus `add_items` with their embeddings
     (rows in the same order). The quantizer is not retrained and old items are not re-embedded: removed ids leave
     the index (remove_ids), new ones are added with fresh keys (add_with_ids), vector segments are shared by hard
-    links. Removed keys are never reused. Returns the new manifest."""
+    links. Removed keys are never reused. `changes_folded`: the last change of the line's log this version
+    holds (default: the source's). Returns the new manifest."""
     source = open_catalogue(source_dir, mmap=True)
     reader = None
     try:
@@ -218,6 +219,8 @@ def update_catalogue(source_dir, out_dir, *, add_items=(), add_embeddings=None, 
         change = ", ".join(part for part in (f"removed {len(removed_keys)}" if len(removed_keys) else "",
                                              f"added {added}" if added else "") if part) + " item(s)"
         manifest = _derived(old, change, notes)
+        if changes_folded is not None:
+            manifest["changes_folded"] = int(changes_folded)
         timings = {}
         with staging_folder(out_dir) as tmp:
             started = time.perf_counter()

@@ -74,10 +74,11 @@ class Selection:
     bitmap: np.ndarray = None  # uint8 bytes; None: every category
     excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     codes: list = field(default_factory=list)  # the category codes chosen; empty: every category
+    removed: np.ndarray = None  # uint8 bytes: keys removed since the catalogue was sealed; None: none
 
     @property
     def everything(self):
-        return self.bitmap is None and not len(self.excluded)
+        return self.bitmap is None and not len(self.excluded) and self.removed is None
 
     def selector(self):
         """(FAISS IDSelector or None, objects to keep alive during the search)."""
@@ -87,14 +88,19 @@ class Selection:
         if self.bitmap is not None:
             selector = faiss.IDSelectorBitmap(self.bitmap.shape[0], faiss.swig_ptr(self.bitmap))
             keep += [self.bitmap, selector]
+        leave_outs = []
         if len(self.excluded):
-            batch = faiss.IDSelectorBatch(self.excluded)
-            leave_out = faiss.IDSelectorNot(batch)
-            keep += [batch, leave_out]
+            leave_outs.append(faiss.IDSelectorBatch(self.excluded))
+        if self.removed is not None:
+            leave_outs.append(faiss.IDSelectorBitmap(self.removed.shape[0], faiss.swig_ptr(self.removed)))
+            keep.append(self.removed)
+        for leave_out in leave_outs:
+            kept = faiss.IDSelectorNot(leave_out)
+            keep += [leave_out, kept]
             if selector is None:
-                selector = leave_out
+                selector = kept
             else:
-                selector = faiss.IDSelectorAnd(selector, leave_out)
+                selector = faiss.IDSelectorAnd(selector, kept)
                 keep.append(selector)
         return selector, keep
 
@@ -106,6 +112,8 @@ class Selection:
             passes &= bits_of(self.bitmap, np.maximum(keys, 0))
         if len(self.excluded):
             passes &= ~np.isin(keys, self.excluded)
+        if self.removed is not None:
+            passes &= ~bits_of(self.removed, np.maximum(keys, 0))
         return passes
 
     def keys(self, alive):
@@ -113,6 +121,8 @@ class Selection:
         keys = set_keys(alive if self.bitmap is None else self.bitmap)
         if len(self.excluded):
             keys = keys[~np.isin(keys, self.excluded)]
+        if self.removed is not None:
+            keys = keys[~bits_of(self.removed, keys)]
         return keys
 
 

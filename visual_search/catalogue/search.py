@@ -198,11 +198,14 @@ def queries_of(queries):
 
 
 def hits_of(catalogue, distances, keys, k, available, listing=None):
-    found = [int(key) for key in keys if key >= 0]
+    overlay = catalogue.overlay
+    added = {int(key) for key in keys if overlay is not None and key >= overlay.key_space}
+    found = [int(key) for key in keys if key >= 0 and int(key) not in added]
     rows = catalogue.items.rows_of(found)
     if len(rows) != len(found):  # the index answered a key the items file does not hold
         missing = sorted(set(found) - set(rows))
         raise CatalogueError(f"{catalogue.folder}: the index answered keys {missing[:5]} that {ITEMS_FILE} lacks")
+    rows.update((key, overlay.row(key)) for key in added)
     neighbours = [Neighbour(rows[key][0], catalogue.categories[rows[key][1]], rows[key][2], float(d))
                   for d, key in zip(distances, keys) if key >= 0]
     return Hits(neighbours, k, available, listing)

@@ -22,8 +22,15 @@ from .manifest import (
     read_manifest,
     verify_files,
 )
-from .search import hits_of, queries_of, search_selection
+from .search import SearchRequest, hits_of, queries_of, search_selection
 from .vectors import Segment, VectorStore
+
+
+def no_match(categories, exclude, base):
+    what = describe(categories, exclude)
+    return FilterError(f"no item matches the filter ({what}): "
+                       + ("the category holds no items" if base == 0 else "every matching item is left out"))
+
 
 REFERENCE_KEYS = ("uid", "format_version", "count", "dim", "normalized", "manifest_sha256")
 
@@ -143,6 +150,9 @@ def verify_catalogue(folder, progress=True):
 
 
 class Catalogue:
+    """A sealed catalogue folder, opened; with an overlay (visual_search.catalogue.live), also the listings added
+    and removed since it was sealed. `count` is the sealed count; `live_count` what a search can answer."""
+
     def __init__(self, folder, manifest, index, items, vectors, bitmaps, list_counts=None):
         self.folder, self.manifest, self.index = Path(folder), manifest, index
         self.list_counts = list_counts  # int32 [nlist, categories] for IVF indexes
@@ -157,6 +167,9 @@ class Catalogue:
         self.takes_params = takes_search_params(index)
         self.ivf = ivf_of(index)
         self._alive = None
+        self.overlay = None  # set by live.Overlay, with the two below
+        self.removed = None  # bitmap of the sealed keys removed since
+        self.removed_counts = None  # removed keys per category code
 
     @property
     def uid(self):
@@ -166,6 +179,12 @@ class Catalogue:
     def normalized(self):
         return bool(self.manifest["normalized"])
 
+    @property
+    def live_count(self):
+        if self.overlay is None:
+            return self.count
+        return self.count - self.overlay.removed_count + self.overlay.count
+
     def close(self):
         self.items.close()
         self.vectors.close()
@@ -173,21 +192,43 @@ class Catalogue:
     # ------------------------------------------------------------------ lookups
 
     def listing(self, item_id):
-        """(key, Item) of a catalogue id; UnknownListingError when it is not in this catalogue."""
+        """(key, Item) of a listing; UnknownListingError when it is not in this catalogue (or was removed)."""
+        found = self.overlay.listing(item_id) if self.overlay is not None else None
+        if found is not None:
+            return found
         key = self.items.keys_of([item_id]).get(item_id)
-        if key is None:
+        if key is None or (self.removed is not None and bits_of(self.removed, [key])[0]):
             raise UnknownListingError(f"unknown listing id {item_id!r}: not in this catalogue")
         item_id, code, image = self.items.rows_of([key])[key]
         return key, Item(item_id, self.categories[code], image)
 
+    def contains(self, item_id):
+        """Whether the listing is live here."""
+        try:
+            self.listing(item_id)
+            return True
+        except UnknownListingError:
+            return False
+
     def all_items(self):
-        """Every item of this version as catalogue.Item, in key order (a full scan)."""
-        return [Item(item_id, self.categories[code], image) for _, item_id, code, image in self.items.iter_rows()]
+        """Every live listing as an Item: the sealed ones in key order (a full scan), then the added ones."""
+        removed = self.removed
+        sealed = [Item(item_id, self.categories[code], image) for key, item_id, code, image in self.items.iter_rows()
+                  if removed is None or not bits_of(removed, [key])[0]]
+        return sealed + (self.overlay.items() if self.overlay is not None else [])
 
     def vector(self, item_id):
-        """The stored vector of a catalogue id."""
+        """The stored vector of a listing."""
         key, _ = self.listing(item_id)
-        return self.vectors.get([key])[0]
+        return self.vectors_of([key])[0]
+
+    def vectors_of(self, keys):
+        """float32 [len(keys), 2048]: sealed keys from the vector files, overlay keys from memory."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self.overlay is None or not (keys >= self.overlay.key_space).any():
+            return self.vectors.get(keys)
+        return np.stack([self.overlay.vector(key) if key >= self.overlay.key_space else self.vectors.get([key])[0]
+                         for key in keys])
 
     def alive(self):
         """Bitmap of every key in this version (all categories)."""
@@ -195,8 +236,9 @@ class Catalogue:
             self._alive = np.bitwise_or.reduce(np.asarray(self.bitmaps), axis=0)
         return self._alive
 
-    def select(self, categories=(), exclude=()):
-        """The Selection for a filter; FilterError for an unknown category or a filter that matches nothing."""
+    def select(self, categories=(), exclude=(), allow_empty=False):
+        """The Selection of the sealed part for a filter; FilterError for an unknown category or, unless
+        `allow_empty`, a filter that matches nothing."""
         categories = list(dict.fromkeys(categories or ()))
         unknown = [c for c in categories if c not in self.category_codes]
         if unknown:
@@ -208,34 +250,42 @@ class Catalogue:
         elif codes:
             bitmap = np.bitwise_or.reduce(np.asarray(self.bitmaps[codes]), axis=0)
         base = sum(self.category_counts[c] for c in codes) if codes else self.count
+        removed = self.removed if self.removed_counts is not None and self.removed_counts.any() else None
+        if removed is not None:
+            base -= int(self.removed_counts[codes].sum() if codes else self.removed_counts.sum())
         excluded = np.array(sorted(self.items.keys_of(exclude or ()).values()), dtype=np.int64)
         if bitmap is not None and len(excluded):
             excluded = excluded[bits_of(bitmap, excluded)]
+        if removed is not None and len(excluded):
+            excluded = excluded[~bits_of(removed, excluded)]
         count = base - len(excluded)
-        if count <= 0:
-            what = describe(categories, exclude)
-            raise FilterError(f"no item matches the filter ({what}): "
-                              + ("the category holds no items" if base == 0 else "every matching item is left out"))
-        return Selection(count=count, total=self.count, bitmap=bitmap, excluded=excluded, codes=codes)
+        if count <= 0 and not allow_empty:
+            raise no_match(categories, exclude, base)
+        return Selection(count=max(count, 0), total=self.count, bitmap=bitmap, excluded=excluded, codes=codes,
+                         removed=removed)
 
     # ------------------------------------------------------------------ searching
 
     def search(self, queries, k, categories=(), exclude=()):
-        """One Hits per query row, nearest first, among the items the filter lets through."""
+        """One Hits per query row, nearest first, among the listings the filter lets through."""
         queries = queries_of(queries)
-        selection = self.select(categories, exclude)
-        distances, keys = search_selection(self, queries, k, selection)
-        return [hits_of(self, d, key_row, k, selection.count) for d, key_row in zip(distances, keys)]
+        results = self.answer([SearchRequest(k=k, vector=row, categories=tuple(categories),
+                                             exclude=tuple(exclude)) for row in queries])
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
 
     def search_by_listing(self, listing_id, k, categories=(), exclude=()):
-        """Neighbours of a catalogue item's stored vector, the item itself left out."""
-        key, item = self.listing(listing_id)
-        hits = self.search(self.vectors.get([key]), k, categories, (*exclude, listing_id))[0]
-        hits.listing = item
-        return hits
+        """Neighbours of a listing's stored vector, the listing itself left out."""
+        result = self.answer([SearchRequest(k=k, listing=listing_id, categories=tuple(categories),
+                                            exclude=tuple(exclude))])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def answer(self, requests):
-        """A batch of SearchRequests -> one Hits or SearchError per request, in order; requests that share a
+        """A batch of SearchRequests -> one Hits or InputError per request, in order; requests that share a
         filter are searched together, and one bad request does not fail the others."""
         results, groups = [None] * len(requests), {}
         for i, request in enumerate(requests):
@@ -243,7 +293,7 @@ class Catalogue:
                 vector, exclude, item = request.vector, tuple(request.exclude or ()), None
                 if request.listing is not None:
                     key, item = self.listing(request.listing)
-                    vector, exclude = self.vectors.get([key])[0], exclude + (request.listing,)
+                    vector, exclude = self.vectors_of([key])[0], exclude + (request.listing,)
                 elif vector is None:
                     raise InputError("a search request needs a vector or a listing id")
                 group = (tuple(dict.fromkeys(request.categories or ())), tuple(sorted(set(exclude))))
@@ -252,16 +302,33 @@ class Catalogue:
                 results[i] = error
         for (categories, exclude), members in groups.items():
             try:
-                selection = self.select(categories, exclude)
+                distances, keys, available = self._search_group(queries_of([m[1] for m in members]),
+                                                                max(m[2] for m in members), categories, exclude)
             except InputError as error:
                 for i, *_ in members:
                     results[i] = error
                 continue
-            k = max(m[2] for m in members)
-            distances, keys = search_selection(self, queries_of([m[1] for m in members]), k, selection)
             for (i, _, own_k, item), d, key_row in zip(members, distances, keys):
-                results[i] = hits_of(self, d[:own_k], key_row[:own_k], own_k, selection.count, item)
+                results[i] = hits_of(self, d[:own_k], key_row[:own_k], own_k, available, item)
         return results
+
+    def _search_group(self, queries, k, categories, exclude):
+        """(distances, keys, available) of the sealed part and the overlay merged: each [n, min(k, available)]."""
+        selection = self.select(categories, exclude, allow_empty=self.overlay is not None)
+        if self.overlay is None:
+            distances, keys = search_selection(self, queries, k, selection)
+            return distances, keys, selection.count
+        added = self.overlay.select(selection.codes, exclude)
+        available = selection.count + added.count
+        if available == 0:
+            raise no_match(categories, exclude, 0)
+        parts = [search_selection(self, queries, k, selection)] if selection.count else []
+        if added.count:
+            parts.append(self.overlay.search(queries, k, added, self.search_params.get("nprobe")))
+        distances = np.concatenate([d for d, _ in parts], axis=1)
+        keys = np.concatenate([key for _, key in parts], axis=1)
+        order = np.argsort(distances, axis=1, kind="stable")[:, :min(k, available)]
+        return np.take_along_axis(distances, order, 1), np.take_along_axis(keys, order, 1), available
 
     def search_selection(self, queries, k, selection):
         """(distances, keys), each [n, min(k, selection.count)], nearest first, exact squared L2 distances."""
