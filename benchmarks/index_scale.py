@@ -232,7 +232,7 @@ def main(argv=None):
     model = synthetic.fit(real, [it.category for it in real_items], cache_dir=args.real_dir)
     results = {"machine": {"cpus": os.cpu_count(), "threads": args.threads, "load": os.getloadavg()},
                "command": " ".join(sys.argv), "synthetic": {
-                   "method": synthetic.__doc__.strip().split("\n\n")[1], "pca_dims": synthetic.PCA_DIMS,
+                   "method": " ".join(synthetic.__doc__.split()), "pca_dims": synthetic.PCA_DIMS,
                    "explained_variance": model.explained, "median_nn_distance": model.nn_distance},
                "sizes": []}
     del real
