@@ -16,6 +16,7 @@ from serving.torchserve import MODEL_STORE
 from training.build_index import EMBEDDINGS_FILE, embed_catalogue_to_file
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.distributed import Context, pick_device
+from training.optimize import catalogue_embedder
 from training.photo_check import check_photos
 from training.publish import publish_bundle, write_bundle
 from visual_search.bundle import CATALOGUE_DIR, MANIFEST_FILE, catalogue_folder, load_bundle
@@ -226,33 +227,40 @@ def index_plan(catalogue_manifest):
     return {"profile": catalogue_manifest["profile"]}
 
 
-def embed_to_file(args, path, model, root, items, categories, preprocess, normalize, out_dir):
-    """Checks that every photo decodes (listing the ones that do not), then streams the embeddings to `path`."""
+def embed_to_file(args, path, model, root, items, categories, preprocess, normalize, out_dir, settings=None, ir=None):
+    """Checks that every photo decodes (listing the ones that do not), then streams the embeddings to `path`
+    (through the runtime `settings` with its IR `ir`; default torch fp32)."""
     ctx = Context(device=pick_device(args.device))
     check_photos(ctx, root, items, out_dir, size=preprocess.image_size, workers=args.embed_workers)
     return embed_catalogue_to_file(ctx, path, model, root, items, categories, preprocess, normalize,
-                                   args.embed_batch_size, args.embed_workers)
+                                   args.embed_batch_size, args.embed_workers, settings, ir)
 
 
 def updated_in_place(args, source, out_dir, folder, new_catalogue, remove, new_items, notes):
     """--add / --remove: the source catalogue updated into `new_catalogue`, only the new photos embedded."""
     vectors = None
+    settings, ir = catalogue_embedder(source)  # the new rows are embedded as the catalogue's were
     if new_items:
         vectors = embed_to_file(args, out_dir / ADDED_EMBEDDINGS_FILE, source.model, args.add, new_items,
-                                source.categories, source.preprocess, source.normalize, out_dir)
+                                source.categories, source.preprocess, source.normalize, out_dir, settings, ir)
         copy_into_folder(new_items, Path(args.add), folder)
         if args.image_prefix:
             new_items = [replace(it, image=args.image_prefix + it.image) for it in new_items]
     update_catalogue(source.catalogue.folder, new_catalogue, add_items=new_items, add_embeddings=vectors,
-                     remove_ids=remove, notes=notes)
+                     remove_ids=remove, notes=notes, runtime=settings.record())
     return write_bundle(out_dir, model=source.model.cpu(), categories=source.categories,
                         preprocess=source.preprocess, catalogue_dir=new_catalogue, normalize=source.normalize,
-                        runtime=source.manifest.get("runtime"), notes=notes, image_root=folder)
+                        runtime=source.manifest.get("runtime"), notes=notes, image_root=folder, ir=ir,
+                        parity=source.manifest.get("parity"))
 
 
 def re_embedded(args, source, out_dir, folder, new_catalogue, remove, new_items, notes):
     """--checkpoint: every item (less the removed, plus the new) embedded with the retrained weights from the
     catalogue image folder, published as a fresh catalogue with the source's index profile."""
+    if catalogue_embedder(source)[0].engine != "torch":
+        raise ValueError(f"{source.catalogue.folder} was embedded by OpenVINO: retrained weights need a new IR and "
+                         f"the parity gate: build their bundle with training.build_index --checkpoint, then pack it "
+                         f"with serving.build_archive")
     model, categories, preprocess = model_from_checkpoint(load_checkpoint(args.checkpoint))
     if new_items:
         copy_into_folder(new_items, Path(args.add), folder)
