@@ -32,6 +32,7 @@ from visual_search.errors import BundleError, CatalogueError
 from visual_search.fileio import sha256_file
 from visual_search.items import Item, scan_folder, write_csv
 from visual_search.preprocessing import IMAGENET_MEAN
+from visual_search.runtime import Runtime
 from visual_search.runtime_settings import RuntimeSettings, check_catalogue_runtime
 
 BUILT = ("torch-fp32", "openvino-fp32", "openvino-bf16", "auto")  # auto: the default, the fastest that passes
@@ -342,3 +343,32 @@ def test_an_openvino_worker_loads_openvino_and_no_training_code(store, tmp_path,
     assert name_line.startswith("openvino-") and name_line.endswith(" 1")
     assert modules == "['openvino']", modules
     assert Path(model_dir / "visual_search" / "openvino_engine.py").is_file()
+
+
+def test_next_versions_of_an_openvino_catalogue_keep_its_runtime(bundles, checkpoint, photos, tmp_path):
+    """--add embeds the new photos with the catalogue's runtime and keeps its IR; --checkpoint makes the IR anew
+    from the new weights behind the gate (on a catalogue sample: no held-out photos there)."""
+    from training.next_version import main as next_version
+
+    images = tmp_path / "images"
+    shutil.copytree(photos["folder"], images)
+    new = tmp_path / "new" / "bags"
+    new.mkdir(parents=True)
+    shutil.copy2(images / photos["queries"][0].image, new / "added-bag.png")
+    common = ["--name", "ov-versions", "--model-store", str(tmp_path / "store"), "--data-dir", str(images)]
+    source = manifest_of(bundles["openvino-bf16"])
+    first = next_version([*common, "--bundle", str(bundles["openvino-bf16"])])
+    added = next_version([*common, "--add", str(tmp_path / "new")])
+    manifest = manifest_of(Path(added["bundle"]))
+    assert manifest["openvino"]["files"] == source["openvino"]["files"] and manifest["runtime"] == source["runtime"]
+    catalogue = load_bundle(Path(added["bundle"])).catalogue
+    assert catalogue.manifest["runtime"] == read_manifest(Path(first["catalogue_dir"]))["runtime"]
+    settings = RuntimeSettings.from_dict(manifest["runtime"])
+    runtime = Runtime(load_bundle(Path(added["bundle"])), "cpu", settings)
+    expected = runtime.embed(runtime.prepare([{"body": (new / "added-bag.png").read_bytes()}], [{}]).batch)[0][0]
+    assert float(catalogue.vector("added-bag") @ expected) > 0.9999
+    retrained = next_version([*common, "--checkpoint", str(checkpoint)])
+    manifest = manifest_of(Path(retrained["bundle"]))
+    assert manifest["parity"]["runtime"] == "openvino-bf16" and manifest["parity"]["tried"][0]["passed"]
+    assert manifest["parity"]["queries_from"].startswith("a catalogue sample")
+    assert read_manifest(Path(retrained["catalogue_dir"]))["runtime"]["precision"] == "bf16"

@@ -17,6 +17,7 @@ from training.build_index import EMBEDDINGS_FILE, embed_catalogue_to_file
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.distributed import Context, pick_device
 from training.optimize import catalogue_embedder
+from training.parity_gate import rebuild
 from training.photo_check import check_photos
 from training.publish import publish_bundle, write_bundle
 from visual_search.bundle import CATALOGUE_DIR, MANIFEST_FILE, catalogue_folder, load_bundle
@@ -257,10 +258,6 @@ def updated_in_place(args, source, out_dir, folder, new_catalogue, remove, new_i
 def re_embedded(args, source, out_dir, folder, new_catalogue, remove, new_items, notes):
     """--checkpoint: every item (less the removed, plus the new) embedded with the retrained weights from the
     catalogue image folder, published as a fresh catalogue with the source's index profile."""
-    if catalogue_embedder(source)[0].engine != "torch":
-        raise ValueError(f"{source.catalogue.folder} was embedded by OpenVINO: retrained weights need a new IR and "
-                         f"the parity gate: build their bundle with training.build_index --checkpoint, then pack it "
-                         f"with serving.build_archive")
     model, categories, preprocess = model_from_checkpoint(load_checkpoint(args.checkpoint))
     if new_items:
         copy_into_folder(new_items, Path(args.add), folder)
@@ -268,13 +265,18 @@ def re_embedded(args, source, out_dir, folder, new_catalogue, remove, new_items,
             new_items = [replace(it, image=args.image_prefix + it.image) for it in new_items]
     removed = set(remove)
     items = [it for it in source.catalogue.all_items() if it.id not in removed] + new_items
-    path = embed_to_file(args, out_dir / EMBEDDINGS_FILE, model, folder, [local_image(it) for it in items],
-                         categories, preprocess, source.normalize, out_dir)
+    local = [local_image(it) for it in items]
+    # the catalogue's runtime again, its IR made from the new weights and admitted by the parity gate
+    choice = rebuild(catalogue_embedder(source)[0].name, model, preprocess, source.normalize, folder, local,
+                     categories, pick_device(args.device), args.embed_batch_size, args.embed_workers)
+    path = embed_to_file(args, out_dir / EMBEDDINGS_FILE, model, folder, local, categories, preprocess,
+                         source.normalize, out_dir, choice.settings, choice.ir)
     bundled = source.manifest["catalogue"].get("bundled")
     return publish_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess, items=items,
                           embeddings=path, normalize=source.normalize,
                           catalogue_dir=None if bundled else new_catalogue, **index_plan(source.catalogue.manifest),
-                          runtime=source.manifest.get("runtime"), notes=notes, image_root=folder)
+                          runtime=source.manifest.get("runtime"), notes=notes, image_root=folder,
+                          catalogue_runtime=choice.catalogue_runtime, ir=choice.ir, parity=choice.parity)
 
 
 def update(args):
