@@ -14,6 +14,7 @@ from training.optimize import CALIBRATION_PHOTOS, Ir, calibration_items, calibra
 from visual_search import openvino_engine
 from visual_search.model import TrainedModel
 from visual_search.runtime import Runtime
+from visual_search.runtime_settings import RUNTIME_NAMES as SERVED
 from visual_search.runtime_settings import RuntimeSettings
 
 MAX_DROP = 0.01  # precision@4, fp32 minus the candidate
@@ -21,7 +22,7 @@ COMPATIBLE_RECALL = 0.98  # recall@10 of other queries against a catalogue runti
 K, RECALL_K = 4, 10
 REFERENCE = "torch-fp32"
 FASTEST_FIRST = ("openvino-int8", "openvino-bf16", "openvino-fp32")  # measured on these CPUs: docs/performance.md
-RUNTIME_NAMES = ("auto", "torch-fp32", *FASTEST_FIRST)
+RUNTIME_NAMES = ("auto", *SERVED)
 GATE_ITEMS, GATE_QUERIES = 2000, 500
 
 

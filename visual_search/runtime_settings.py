@@ -16,6 +16,7 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 TORCH_ONLY = ("channels_last", "compile", "gpu_decode")
 CUDA_ONLY = {"precision": "fp16 and bf16 are used on CUDA only; fp32 on the CPU",
              "gpu_decode": "JPEG decoding on the GPU needs CUDA; PIL decodes on the CPU"}
+RUNTIME_NAMES = ("torch-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8")  # what embeds catalogues
 LEGACY_CATALOGUE_RUNTIME = {"engine": "torch", "precision": "fp32"}  # what embedded catalogues without a record
 
 
