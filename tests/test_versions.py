@@ -358,6 +358,7 @@ def test_outside_catalogue_updated_beside_it_and_served(server, client, versions
     shutil.copytree(photo_dir, images)
     build_index(["--checkpoint", str(trained_run / "last.pt"), "--data-dir", str(images), "--out-dir",
                  str(root / "bundle"), "--all", "--workers", "0", "--batch-size", "8", "--profile", "accurate",
+                 "--runtime", "torch-fp32",
                  "--catalogue-dir", str(root / "catalogues" / "shop-v1")])
     common = ["--name", name, "--model-store", str(store), "--embed-batch-size", "8", *ARCHIVE_OPTIONS]
     v1 = update_catalogue([*common, "--bundle", str(root / "bundle")])  # the image folder: the bundle's image_root
