@@ -62,6 +62,8 @@ def get_args(argv=None):
     p.add_argument("--remove", nargs="+", default=[], metavar="ID", help="ids of items to take out")
     p.add_argument("--remove-file", default=None, help="a text file of ids to take out, one a line")
     p.add_argument("--checkpoint", default=None, help="retrained checkpoint: re-embed every item with it")
+    p.add_argument("--accept-quality-drop", action="store_true",
+                   help="with --checkpoint on a bf16 or int8 catalogue: build it even if the parity gate fails")
     p.add_argument("--compact", action="store_true",
                    help="fold the listings added and removed through the change log (serving.listings) into the "
                         "next version; --add and --remove do this too")
@@ -230,8 +232,8 @@ def named(ids):
 
 def check_change(catalogue, source_dir, remove, new_items, vectors):
     """Refuses ids to remove that are not live, new ids that are live (unless removed in the same run, or the same
-    listing a killed run already added: those are left out), and a change that would leave no item. Returns the
-    new items and their vectors that are still to add."""
+    listing a killed run already wrote to the log and did not fold: those are left out), and a change that would
+    leave no item. Returns the new items and their vectors that are still to add."""
     unknown = [i for i in remove if not catalogue.contains(i)]
     if unknown:
         raise ValueError(f"not in the catalogue of {source_dir}: {named(unknown)}")
@@ -240,8 +242,10 @@ def check_change(catalogue, source_dir, remove, new_items, vectors):
         if item.id in removing or not catalogue.contains(item.id):
             todo.append((item, vector))
             continue
-        _, live = catalogue.listing(item.id)
-        if live.category != item.category or not np.allclose(catalogue.vector(item.id), vector, atol=1e-5):
+        key, live = catalogue.listing(item.id)
+        unfolded = catalogue.overlay is not None and key >= catalogue.overlay.key_space
+        if not unfolded or live.category != item.category or not np.allclose(catalogue.vector(item.id), vector,
+                                                                              atol=1e-5):
             clashes.append(item.id)
     if clashes:
         raise ValueError(f"ids already in the catalogue: {named(clashes)} (remove them first to replace)")
@@ -341,7 +345,7 @@ def re_embedded(args, source, log, until, out_dir, folder, new_catalogue, notes)
     check_photos(ctx, folder, local, out_dir, size=preprocess.image_size, workers=args.embed_workers)
     # the catalogue's runtime again, its IR made from the new weights and admitted by the parity gate
     choice = rebuild(catalogue_embedder(source)[0].name, model, preprocess, source.normalize, folder, local,
-                     categories, ctx.device, args.embed_batch_size, args.embed_workers)
+                     categories, ctx.device, args.embed_batch_size, args.embed_workers, args.accept_quality_drop)
     embed_catalogue_to_file(ctx, path, model, folder, local, categories, preprocess, source.normalize,
                             args.embed_batch_size, args.embed_workers, choice.settings, choice.ir)
     bundled = source.manifest["catalogue"].get("bundled")
@@ -354,6 +358,24 @@ def re_embedded(args, source, log, until, out_dir, folder, new_catalogue, notes)
 
 def update(args):
     store = Path(args.model_store)
+    fresh = not store.exists()
+    try:
+        return update_line(args, store)
+    except BaseException:
+        if fresh:
+            remove_lock_only_store(store, args.name)
+        raise
+
+
+def remove_lock_only_store(store, name):
+    """Removes a model store this run created if it holds nothing but the line's lock file."""
+    lock = store / f".{name}.lock"
+    if store.is_dir() and all(path == lock for path in store.iterdir()):
+        lock.unlink(missing_ok=True)
+        store.rmdir()
+
+
+def update_line(args, store):
     with line_lock(store, args.name):
         record = read_record(store, args.name)
         latest = record["versions"][-1] if record["versions"] else None

@@ -235,11 +235,12 @@ def choose(requested, names, runtimes, sample, accept_drop=False, batch_size=64,
     return Choice(settings, runtimes.ir_for(name), parity, {**settings.record(), "compatible": found})
 
 
-def rebuild(name, model, preprocess, normalize, root, items, categories, device="cpu", batch_size=64, workers=0):
+def rebuild(name, model, preprocess, normalize, root, items, categories, device="cpu", batch_size=64, workers=0,
+            accept_drop=False):
     """The Choice of runtime `name` for retrained weights of a catalogue it embeds: its IR made anew (int8 calibrated
     on the catalogue's photos) and gated on a catalogue sample left out (there are no held-out photos here)."""
     sample = None if name == REFERENCE else GateSample.draw(root, items, [], categories)
     held = {it.id for it in sample.queries} if sample else set()
     runtimes = Runtimes(model, preprocess, normalize, root, [it for it in items if it.id not in held], categories,
                         device)
-    return choose(name, [name], runtimes, sample, batch_size=batch_size, workers=workers)
+    return choose(name, [name], runtimes, sample, accept_drop, batch_size=batch_size, workers=workers)
