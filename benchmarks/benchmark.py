@@ -1,6 +1,7 @@
-"""In-process against served throughput, one run: (a) the archive's handler on batches of 640x480 JPEGs in a
-process of its own; (b) TorchServe under Locust, users growing to saturation: b/a, p50/p95/p99 at a moderate load,
-one user's p50 against batch-1, where a lone request's time goes, answer bytes. See docs/performance.md."""
+"""In-process against served throughput, one run per runtime (--runtimes, one after another): (a) the archive's
+handler on batches of 640x480 JPEGs in a process of its own; (b) TorchServe under Locust, users growing to
+saturation: b/a, p50/p95/p99 at a moderate load, one user's p50 against batch-1, where a lone request's time goes,
+answer bytes; a table of the runtimes side by side. See docs/performance.md."""
 import argparse
 import json
 import platform
@@ -19,13 +20,16 @@ from loadtests.photos import load_photos
 from loadtests.run import get_args as loadtest_args
 from loadtests.run import run_locust
 from serving.build_archive import main as build_archive
-from serving.torchserve import ROOT, TorchServe, free_port
+from serving.torchserve import ROOT, TorchServe, free_port, read_archive
 from tests.harness import synthetic_bundle
+from training.parity_gate import RUNTIME_NAMES
 from visual_search.cli import HelpFormatter
 
 USAGE = """examples:
   python -m benchmarks.benchmark --image-size 225 --batch-size 4 --max-batch-delay 5 --workers 1 \
       --users 1,2,4,8,16 --step-time 60s --out results/benchmark
+  python -m benchmarks.benchmark --runtimes torch-fp32,openvino-fp32,openvino-bf16,openvino-int8 \
+      --users 1,2,4,8,16 --out results/runtimes
 """
 
 MODEL = "bench-search"
@@ -35,9 +39,11 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--image-size", type=int, default=225, help="model input; small values make a quick run")
     p.add_argument("--catalogue-size", type=int, default=10_000)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-batch-delay", type=int, default=20, help="ms")
+    p.add_argument("--batch-size", type=int, default=None, help="default: build_archive's for the runtime")
+    p.add_argument("--max-batch-delay", type=int, default=None, help="ms; default: build_archive's for the runtime")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--runtimes", default="torch-fp32",
+                   help=f"comma-separated, measured one after another: {', '.join(RUNTIME_NAMES[1:])}")
     p.add_argument("--runtime", nargs="*", default=[], help="build_archive runtime flags, e.g. --precision fp16")
     p.add_argument("--mix", default="similar=0.8,embedding=0.2")
     p.add_argument("--inprocess-seconds", type=float, default=20)
@@ -57,20 +63,28 @@ def machine():
     return {"cpu": cpu, "cores": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__}
 
 
-def build(args, tmp, photos):
+def build(args, tmp, photos, runtime="torch-fp32"):
+    """The synthetic bundle of `runtime` (its IR made, int8 calibrated on the photos) and its archive."""
     bundle = tmp / "bundle"
-    synthetic_bundle(bundle, args.image_size, photos[:16], catalogue_size=args.catalogue_size)
-    build_archive(["--bundle", str(bundle), "--name", MODEL, "--model-store", str(tmp / "store"), "--batch-size",
-                   str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay), "--workers",
-                   str(args.workers), *args.runtime])
+    synthetic_bundle(bundle, args.image_size, photos[:16], catalogue_size=args.catalogue_size, runtime=runtime)
+    given = [flag for option, value in (("--batch-size", args.batch_size), ("--max-batch-delay", args.max_batch_delay))
+             if value is not None for flag in (option, str(value))]
+    build_archive(["--bundle", str(bundle), "--name", MODEL, "--model-store", str(tmp / "store"), *given,
+                   "--workers", str(args.workers), *args.runtime])
     return tmp / "store" / f"{MODEL}.mar"
+
+
+def served_settings(archive):
+    """batchSize and maxBatchDelay as the archive has them."""
+    config = read_archive(archive).config
+    return {"batch_size": int(config["batchSize"]), "max_batch_delay": int(config["maxBatchDelay"])}
 
 
 def measure_inprocess(args, archive, tmp):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     command = [sys.executable, "-m", "benchmarks.handler_child", "--archive", str(archive), "--work-dir",
-               str(tmp / "inprocess"), "--batch-size", str(args.batch_size), "--seconds", str(args.inprocess_seconds),
-               "--mix", args.mix, "--device", device]
+               str(tmp / "inprocess"), "--batch-size", str(served_settings(archive)["batch_size"]), "--seconds",
+               str(args.inprocess_seconds), "--mix", args.mix, "--device", device]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"error: the in-process measurement failed:\n{result.stderr[-3000:]}")
@@ -160,6 +174,8 @@ def plot(result, path):
 
 
 def report(result):
+    print(f"== {result['runtime']}: batchSize {result['served_settings']['batch_size']}, maxBatchDelay "
+          f"{result['served_settings']['max_batch_delay']} ms, {result['settings']['workers']} worker(s)")
     a = result["inprocess"]
     print(f"(a) in-process, batch {result['settings']['batch_size']}: {a['images_per_s']:.2f} images/s; "
           f"batch 1: {a['batch1_ms']:.1f} ms ({a['device']}); answers {a['answer_bytes']['similar']} B similar, "
@@ -186,16 +202,15 @@ def report(result):
           f"{served['answer_bytes']['embedding']} B embedding")
 
 
-def main(argv=None):
-    args = get_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    photos = load_photos(count=32)
+def measure(args, runtime, out, photos):
+    """One runtime: its archive measured in process, then served."""
     started = time.time()
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        archive = build(args, Path(tmp), photos)
-        result = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "out"},
-                  "inprocess": measure_inprocess(args, archive, Path(tmp))}
+        archive = build(args, Path(tmp), photos, runtime)
+        result = {"runtime": runtime, "machine": machine(),
+                  "settings": {k: v for k, v in vars(args).items() if k != "out"},
+                  "served_settings": served_settings(archive), "inprocess": measure_inprocess(args, archive, Path(tmp))}
         if not args.skip_served:
             result["served"] = measure_served(args, archive, out, photos)
             sweep, a = result["served"]["sweep"], result["inprocess"]
@@ -209,8 +224,41 @@ def main(argv=None):
     if "served" in result:
         plot(result, out / "latency_vs_throughput.png")
     report(result)
-    print(f"wrote {out / 'benchmark.json'}")
-    failed = [s for s in result.get("served", {}).get("sweep", []) if s["failures"]]
+    return result
+
+
+def summary(results):
+    """The runtimes side by side, and each one's served rate against the first's."""
+    first = results[0]
+    print(f"\n{'runtime':<14} {'batch':>5} {'delay':>5} {'a img/s':>8} {'batch-1 img/s':>13} {'b req/s':>8} "
+          f"{'x first':>7} {'1-user p50':>10} {'p99 at half':>11}")
+    for result in results:
+        a, served = result["inprocess"], result.get("served")
+        settings = result["served_settings"]
+        row = (f"{result['runtime']:<14} {settings['batch_size']:>5} {settings['max_batch_delay']:>5} "
+               f"{a['images_per_s']:>8.1f} {1000 / a['batch1_ms']:>13.1f}")
+        if served:
+            rate, base = served["saturated"]["requests_per_s"], first["served"]["saturated"]["requests_per_s"]
+            one = min(served["sweep"], key=lambda s: s["users"])
+            row += (f" {rate:>8.1f} {rate / base:>7.2f} {one['p50_ms']:>8} ms {served['moderate']['p99_ms']:>8} ms")
+        print(row)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    out = Path(args.out)
+    runtimes = [name.strip() for name in args.runtimes.split(",") if name.strip()]
+    unknown = [name for name in runtimes if name not in RUNTIME_NAMES[1:]]
+    if unknown:
+        sys.exit(f"error: unknown runtimes {unknown}: choose from {', '.join(RUNTIME_NAMES[1:])}")
+    photos = load_photos(count=32)
+    results = [measure(args, runtime, out / runtime if len(runtimes) > 1 else out, photos) for runtime in runtimes]
+    out.mkdir(parents=True, exist_ok=True)
+    if len(runtimes) > 1:
+        (out / "runtimes.json").write_text(json.dumps(results, indent=2))
+    summary(results)
+    print(f"wrote {out}")
+    failed = [s for r in results for s in r.get("served", {}).get("sweep", []) if s["failures"]]
     return 1 if failed else 0
 
 

@@ -34,6 +34,8 @@ def main(argv=None):
         mar.extractall(model_dir)
     sys.path.insert(0, str(model_dir))  # as TorchServe's worker has it: the archive's copy of visual_search first
     sys.path.insert(1, str(ROOT))
+    for name in [name for name in sys.modules if name.split(".")[0] == "visual_search"]:
+        del sys.modules[name]  # the checkout's copy, loaded for the command line; the archive's is imported below
     import visual_search  # noqa: PLC0415
     from loadtests.mix import parse_mix, schedule  # noqa: PLC0415
     from loadtests.photos import load_photos  # noqa: PLC0415

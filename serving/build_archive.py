@@ -15,23 +15,31 @@ from pathlib import Path
 import yaml
 
 from serving.torchserve import MODEL_STORE, ROOT, tool
-from visual_search.bundle import BUNDLE_FILES, CATALOGUE_DIR, MANIFEST_FILE, MODEL_FILE, load_bundle
+from visual_search.bundle import CATALOGUE_DIR, MANIFEST_FILE, MODEL_FILE, bundle_files, check_runtime, load_bundle
 from visual_search.catalogue import verify_catalogue
 from visual_search.catalogue.changes import CHANGES_SUFFIX
 from visual_search.catalogue.manifest import MANIFEST_FILE as CATALOGUE_MANIFEST
 from visual_search.cli import HelpFormatter
 from visual_search.errors import BundleError
 from visual_search.fileio import copy_into, write_atomically
-from visual_search.runtime import PRECISIONS, RuntimeSettings
+from visual_search.runtime_settings import ENGINE_PRECISIONS, ENGINES, RuntimeSettings, check_catalogue_runtime
 
 USAGE = """examples:
   python -m serving.build_archive --bundle runs/x/bundle --name visual-search --version 1.0
   python -m serving.build_archive ... --precision fp16 --channels-last --compile --gpu-decode
+  python -m serving.build_archive ... --engine torch --precision fp32     # a bundle's model.pt, e.g. for a GPU
   python -m serving.build_archive ... --catalogue-dir shop-v3 --threads 4
 """
 
 HANDLER = ROOT / "handler" / "visual_search_handler.py"
 PACKAGE = ROOT / "visual_search"
+# batchSize and maxBatchDelay per runtime, measured on a 2-core CPU (docs/performance.md); GPUs: set them
+SERVING_DEFAULTS = {
+    "torch-fp32": {"batch_size": 4, "max_batch_delay": 5},
+    "openvino-fp32": {"batch_size": 4, "max_batch_delay": 5},
+    "openvino-bf16": {"batch_size": 4, "max_batch_delay": 5},
+    "openvino-int8": {"batch_size": 4, "max_batch_delay": 5},
+}
 
 
 def model_config(args):
@@ -63,10 +71,11 @@ def get_args(argv=None):
     p.add_argument("--model-store", default=str(MODEL_STORE))
     p.add_argument("--out-name", default=None, help="archive file name without .mar (default: --name); the model "
                                                     "name inside the archive stays --name")
-    p.add_argument("--batch-size", type=int, default=4,
-                   help="TorchServe's dynamic batch size (docs/performance.md: the CPU and GPU settings)")
-    p.add_argument("--max-batch-delay", type=int, default=5,
-                   help="ms to wait for a batch to fill (docs/performance.md)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="TorchServe's dynamic batch size (default: measured for the archive's runtime on a CPU, "
+                        "docs/performance.md, which has the GPU settings too)")
+    p.add_argument("--max-batch-delay", type=int, default=None,
+                   help="ms to wait for a batch to fill (default: measured for the archive's runtime)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--max-workers", type=int, default=None)
     p.add_argument("--changes", default=None,
@@ -85,9 +94,13 @@ def get_args(argv=None):
     p.add_argument("--catalogue-dir", default=None,
                    help="where serving hosts hold the bundle's outside catalogue, if not at the path it was "
                         "published to (relative: under $VISUAL_SEARCH_CATALOGUES)")
-    runtime = p.add_argument_group("runtime", "the fast path; unset options keep the bundle's runtime section")
-    runtime.add_argument("--precision", choices=list(PRECISIONS), default=None,
-                         help="fp16 and bf16 apply on CUDA only; fp16 keeps fp32's neighbours")
+    runtime = p.add_argument_group("runtime", "unset options keep the bundle's runtime section (the one that "
+                                              "embedded its catalogue); the catalogue must fit the runtime")
+    runtime.add_argument("--engine", choices=ENGINES, default=None,
+                         help="openvino: the bundle's IR on the CPU (torch on CUDA); torch: model.pt")
+    runtime.add_argument("--precision", choices=sorted({p for ps in ENGINE_PRECISIONS.values() for p in ps}),
+                         default=None, help="torch: fp32, or fp16 and bf16 on CUDA only (fp16 keeps fp32's "
+                                            "neighbours); openvino: fp32, bf16 (an fp32 IR) or int8 (an int8 IR)")
     flag = argparse.BooleanOptionalAction
     runtime.add_argument("--channels-last", action=flag, default=None)
     runtime.add_argument("--compile", action=flag, default=None, help="torch.compile at load time")
@@ -95,11 +108,29 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def set_runtime(manifest_path, args):
-    """Writes the runtime options that were given into the manifest at `manifest_path`; returns the section."""
-    manifest = json.loads(manifest_path.read_text())
+def archive_runtime(manifest, args):
+    """The bundle's runtime section with the options that were given; a new engine starts from its defaults."""
     given = {k: getattr(args, k) for k in RuntimeSettings.__dataclass_fields__ if getattr(args, k) is not None}
-    manifest["runtime"] = RuntimeSettings.from_dict({**manifest.get("runtime", {}), **given}).to_dict()
+    section = dict(manifest.get("runtime") or {})
+    if given.get("engine", section.get("engine", "torch")) != section.get("engine", "torch"):
+        section = {}
+    try:
+        return RuntimeSettings.from_dict({**section, **given})
+    except ValueError as error:
+        sys.exit(f"error: runtime {({**section, **given})}: {error}")
+
+
+def set_runtime(manifest_path, args, catalogue_manifest):
+    """Writes the runtime into the manifest at `manifest_path`, after checking that the bundle has its model and
+    that the catalogue's vectors fit it; returns the section."""
+    manifest = json.loads(manifest_path.read_text())
+    settings = archive_runtime(manifest, args)
+    manifest["runtime"] = settings.to_dict()
+    try:
+        check_runtime(manifest_path.parent, manifest)
+        check_catalogue_runtime(catalogue_manifest, settings, where="this archive")
+    except BundleError as error:
+        sys.exit(f"error: {error}")
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest["runtime"]
 
@@ -132,7 +163,7 @@ def verify_archive(path):
     BundleError naming the first file that differs."""
     with zipfile.ZipFile(path) as archive:
         manifest = json.loads(archive.read(MANIFEST_FILE))
-        expected = {MODEL_FILE: manifest.get("weights_sha256")}
+        expected = {MODEL_FILE: manifest.get("weights_sha256"), **((manifest.get("openvino") or {}).get("files") or {})}
         if f"{CATALOGUE_DIR}/{CATALOGUE_MANIFEST}" in archive.namelist():
             catalogue = json.loads(archive.read(f"{CATALOGUE_DIR}/{CATALOGUE_MANIFEST}"))
             expected.update({f"{CATALOGUE_DIR}/{name}": record["sha256"]
@@ -153,6 +184,10 @@ def build_archive(args):
     bundled = bundle.manifest["catalogue"].get("bundled", False)
     folder = bundle.catalogue.folder
     bundle.catalogue.close()
+    name = archive_runtime(bundle.manifest, args).name
+    measured = SERVING_DEFAULTS.get(name, SERVING_DEFAULTS["torch-fp32"])
+    args.batch_size = args.batch_size or measured["batch_size"]
+    args.max_batch_delay = measured["max_batch_delay"] if args.max_batch_delay is None else args.max_batch_delay
     if bundled and args.catalogue_dir:
         sys.exit(f"{bundle_dir} bundles its catalogue; --catalogue-dir is for a catalogue outside the bundle")
     store = Path(args.model_store)
@@ -165,11 +200,11 @@ def build_archive(args):
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "extra"
         staging.mkdir()
-        for name in BUNDLE_FILES:
+        for name in bundle_files(bundle.manifest):
             shutil.copy2(bundle_dir / name, staging / name)
         if bundled:
             shutil.copytree(bundle_dir / CATALOGUE_DIR, staging / CATALOGUE_DIR)
-        runtime = set_runtime(staging / MANIFEST_FILE, args)
+        runtime = set_runtime(staging / MANIFEST_FILE, args, bundle.catalogue.manifest)
         for module in handler_modules():
             (staging / module).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / module, staging / module)
@@ -188,7 +223,8 @@ def build_archive(args):
         write_atomically(archive, lambda f: copy_into(built, f), replace=args.replace)
     where = "bundled" if bundled else f"outside, at {args.catalogue_dir or bundle.manifest['catalogue']['path']}"
     print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB), version {args.version}, catalogue {where} "
-          f"({bundle.catalogue.count} items), runtime {runtime}")
+          f"({bundle.catalogue.count} items), runtime {runtime}, batch {args.batch_size} within "
+          f"{args.max_batch_delay} ms")
     return archive
 
 

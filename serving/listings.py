@@ -22,6 +22,7 @@ from visual_search.fileio import write_atomically
 from visual_search.items import Item
 from visual_search.request import check_plain, read_listing, shown
 from visual_search.runtime import Runtime
+from visual_search.runtime_settings import catalogue_settings
 
 USAGE = """examples:
   python -m serving.listings add --id sku-1 --category coat --photo coat.jpg
@@ -45,7 +46,8 @@ class ListingWriter:
 
     def __init__(self, bundle_dir, log_path, line, images=None, max_unfolded=MAX_UNFOLDED, device="cpu"):
         self.bundle = load_bundle(bundle_dir)
-        self.runtime = Runtime(self.bundle, device)
+        settings = catalogue_settings(self.bundle.catalogue.manifest)  # added rows are embedded as the catalogue was
+        self.runtime = Runtime(self.bundle, "cpu" if settings.engine == "openvino" else device, settings)
         self.weights = self.bundle.manifest["weights_sha256"]
         self.log = ChangeLog(log_path, write=True, line=line)
         self.line, self.images, self.max_unfolded = line, Path(images) if images else None, max_unfolded

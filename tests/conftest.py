@@ -28,7 +28,7 @@ def trained_run(photo_dir, tmp_path_factory):
 def bundle_dir(trained_run, photo_dir):
     out = trained_run / "bundle"
     build_index(["--checkpoint", str(trained_run / "last.pt"), "--data-dir", str(photo_dir), "--out-dir", str(out),
-                 "--all", "--workers", "0", "--batch-size", "8"])
+                 "--all", "--workers", "0", "--batch-size", "8", "--runtime", "torch-fp32"])
     return out
 
 

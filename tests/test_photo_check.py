@@ -89,7 +89,8 @@ def test_index_build_checks_the_catalogue_photos(photos, tmp_path):
     save_checkpoint(checkpoint, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None,
                     epoch=0, categories=["bags", "phones", "shoes"],
                     preprocess=PreprocessSettings(image_size=IMAGE_SIZE), metrics={}, args={})
-    common = ["--checkpoint", str(checkpoint), "--data-dir", str(root), "--all", "--workers", "0"]
+    common = ["--checkpoint", str(checkpoint), "--data-dir", str(root), "--runtime", "torch-fp32", "--all",
+              "--workers", "0"]
     with pytest.raises(BadPhotosError):
         build_index(common + ["--out-dir", str(tmp_path / "refused")])
     assert not (tmp_path / "refused" / "embeddings.npy").exists()

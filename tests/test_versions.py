@@ -243,21 +243,24 @@ def test_add_without_a_catalogue_image_folder_says_what_to_pass(bundle_dir, tmp_
     assert not (tmp_path / "store").exists()  # refused before anything was packed or recorded
 
 
-def test_each_version_answers_from_its_own_catalogue(server, client, versions):
-    v1_ids, v2_ids = versions["catalogues"]["1.0"], versions["catalogues"]["2.0"]
+def test_every_version_answers_with_the_lines_live_listings(server, client, versions):
+    """Each version searches its own sealed catalogue plus the line's change log, which next_version writes first:
+    v1 and v2 both answer with the listings live now (v3's), each under its own version number."""
+    live = versions["catalogues"]["3.0"]
+    assert versions["catalogues"]["1.0"] != live and versions["catalogues"]["2.0"] != live  # older sealed catalogues
     assert client.register(f"{MODEL}-v2.mar", workers=1) == (MODEL, "2.0")
     assert client.default_version(MODEL) == "1.0"  # registering does not switch
 
-    by_default, by_v2 = ask(server, k=len(v1_ids)), ask(server, "2.0", k=len(v2_ids))
+    by_default, by_v2 = ask(server, k=len(live)), ask(server, "2.0", k=len(live))
     assert by_default.status_code == 200 and by_v2.status_code == 200, (by_default.text, by_v2.text)
     assert by_default.json()["model_version"] == "1.0" and by_v2.json()["model_version"] == "2.0"
-    assert {n["id"] for n in by_default.json()["neighbours"]} == v1_ids
-    assert {n["id"] for n in by_v2.json()["neighbours"]} == v2_ids
-    assert ask(server, k=len(v2_ids)).status_code == 400  # v1 has fewer items than that
+    assert {n["id"] for n in by_default.json()["neighbours"]} == live
+    assert {n["id"] for n in by_v2.json()["neighbours"]} == live
+    assert ask(server, k=len(live) + 1).status_code == 400  # k is at most every live listing
 
     assert client.set_default(MODEL, "2.0") == "1.0"
-    answer = ask(server, k=len(v2_ids)).json()
-    assert answer["model_version"] == "2.0" and {n["id"] for n in answer["neighbours"]} == v2_ids
+    answer = ask(server, k=len(live)).json()
+    assert answer["model_version"] == "2.0" and {n["id"] for n in answer["neighbours"]} == live
     assert client.rollback(MODEL) == ("2.0", "1.0")
     assert ask(server).json()["model_version"] == "1.0"
     client.unregister(MODEL, "2.0")
@@ -267,7 +270,7 @@ def test_each_version_answers_from_its_own_catalogue(server, client, versions):
 def test_rollout_rollback_and_scaling_under_load_fail_no_request(server, versions, capsys):
     """Three clients post continuously while the tool registers v2, makes it the default, scales it up, rolls
     back to v1, scales v2 down and unregisters it. Every request must succeed, and every answer must come from v1 or v2,
-    with neighbours from that version's own catalogue."""
+    with neighbours among the line's live listings."""
     k = len(versions["catalogues"]["1.0"])
     load = SteadyLoad(f"{server.urls['inference']}/predictions/{MODEL}", {**server.headers(), "X-Top-K": str(k)},
                       encode(product_photo("bags", seed=4242), "JPEG"), clients=3, max_seconds=150).start()
@@ -298,36 +301,37 @@ def test_rollout_rollback_and_scaling_under_load_fail_no_request(server, version
     failures = load.failures()
     assert not failures, f"{len(failures)} of {len(results)} requests failed: {failures[:5]}"
     assert {r[1] for r in results} == {"1.0", "2.0"}
-    for _, version, ids, _ in results:
-        assert ids <= versions["catalogues"][version] and len(ids) == k
+    for _, _, ids, _ in results:
+        assert ids <= versions["catalogues"]["3.0"] and len(ids) == k
     print(f"\nsteps done at (elapsed/requests so far): {', '.join(timeline)}\n{load.summary()}")
 
 
 def test_removed_ids_never_come_back(server, client, versions):
-    """v3, an add/remove update, through TorchServe: asked with a removed item's own photo and k = every item it
-    holds, and by the removed listing id; then made the default and rolled back under a steady load that sends
-    that photo, with no failed request and no answer of v3 that holds a removed id."""
-    v1_ids, v3_ids = versions["catalogues"]["1.0"], versions["catalogues"]["3.0"]
+    """v3 removed REMOVED; v1's sealed catalogue still holds bags-00. Through TorchServe, v1 (the default, an older
+    version) and v3, asked with a removed item's own photo and k = every live listing, and by the removed listing
+    id, never answer it; then v3 made the default and rolled back under a steady load that sends that photo, with
+    no failed request and no answer of either version that holds a removed id."""
+    live, v1_sealed = versions["catalogues"]["3.0"], versions["catalogues"]["1.0"]
+    assert "bags-00" in v1_sealed and not set(REMOVED) & live
     photos = {i: (versions["catalogue"] / versions["items"]["2.0"][i].image).read_bytes() for i in REMOVED}
     assert client.register(f"{MODEL}-v3.mar", workers=1) == (MODEL, "3.0")
     load = None
     try:
-        # v1 still holds bags-00 and finds it first from its own photo: the photo would bring it back if it could.
-        assert neighbour_ids(ask(server, k=len(v1_ids), photo=photos["bags-00"]))[0] == "bags-00"
-        listing_url = f"{server.urls['inference']}/predictions/{MODEL}/3.0"
-        for item_id, photo in photos.items():
-            ids = neighbour_ids(ask(server, "3.0", k=len(v3_ids), photo=photo))
-            assert len(ids) == len(v3_ids) and set(ids) == v3_ids and item_id not in ids
-            assert ask(server, "3.0", k=len(v3_ids) + 1, photo=photo).status_code == 400  # k is at most every item
-            by_listing = requests.post(listing_url, json={"listing": item_id, "k": 4}, headers=server.headers(),
-                                       timeout=60)
-            assert by_listing.status_code == 404 and item_id in by_listing.json()["error"], by_listing.text
-        kept = sorted(v3_ids & v1_ids)[0]
-        by_listing = requests.post(listing_url, json={"listing": kept, "k": len(v3_ids) - 1},
-                                   headers=server.headers(), timeout=60)
-        assert set(neighbour_ids(by_listing)) == v3_ids - {kept}
+        for version in ("1.0", "3.0"):
+            listing_url = f"{server.urls['inference']}/predictions/{MODEL}/{version}"
+            for item_id, photo in photos.items():
+                ids = neighbour_ids(ask(server, version, k=len(live), photo=photo))
+                assert len(ids) == len(live) and set(ids) == live and item_id not in ids
+                assert ask(server, version, k=len(live) + 1, photo=photo).status_code == 400  # at most every live one
+                by_listing = requests.post(listing_url, json={"listing": item_id, "k": 4}, headers=server.headers(),
+                                           timeout=60)
+                assert by_listing.status_code == 404 and item_id in by_listing.json()["error"], by_listing.text
+            kept = sorted(live & v1_sealed)[0]
+            by_listing = requests.post(listing_url, json={"listing": kept, "k": len(live) - 1},
+                                       headers=server.headers(), timeout=60)
+            assert set(neighbour_ids(by_listing)) == live - {kept}
 
-        k = len(v1_ids)  # the most that both versions answer
+        k = len(live)
         load = SteadyLoad(f"{server.urls['inference']}/predictions/{MODEL}", {**server.headers(), "X-Top-K": str(k)},
                           photos["bags-00"], clients=2, max_seconds=120).start()
         assert load.wait_for("1.0"), load.summary()
@@ -344,8 +348,7 @@ def test_removed_ids_never_come_back(server, client, versions):
     assert not failures, f"{len(failures)} of {len(results)} requests failed: {failures[:5]}"
     answers = {version: [ids for status, v, ids, _ in results if v == version] for version in ("1.0", "3.0")}
     assert answers["3.0"] and answers["1.0"] and {r[1] for r in results} == {"1.0", "3.0"}
-    assert all(len(ids) == k and ids <= v3_ids and not ids & set(REMOVED) for ids in answers["3.0"])
-    assert all(ids == v1_ids for ids in answers["1.0"])  # k = every v1 item, bags-00 among them
+    assert all(ids == live for ids in answers["3.0"] + answers["1.0"])  # k = every live listing, none removed
 
 
 def test_outside_catalogue_updated_beside_it_and_served(server, client, versions, trained_run, photo_dir,
@@ -358,6 +361,7 @@ def test_outside_catalogue_updated_beside_it_and_served(server, client, versions
     shutil.copytree(photo_dir, images)
     build_index(["--checkpoint", str(trained_run / "last.pt"), "--data-dir", str(images), "--out-dir",
                  str(root / "bundle"), "--all", "--workers", "0", "--batch-size", "8", "--profile", "accurate",
+                 "--runtime", "torch-fp32",
                  "--catalogue-dir", str(root / "catalogues" / "shop-v1")])
     common = ["--name", name, "--model-store", str(store), "--embed-batch-size", "8", *ARCHIVE_OPTIONS]
     v1 = update_catalogue([*common, "--bundle", str(root / "bundle")])  # the image folder: the bundle's image_root

@@ -1,6 +1,7 @@
-"""Embed the catalogue with a trained checkpoint and write the bundle: weights, manifest and the catalogue folder
-(bundled, or outside with --catalogue-dir). The catalogue is the run's training split unless --catalogue or --all;
-photos are checked before embedding; under torchrun each rank embeds its share. See docs/training.md."""
+"""Embed the catalogue with a trained checkpoint and write the bundle: weights, the OpenVINO IR of its runtime (the
+fastest that passes the parity gate, by default), manifest and the catalogue folder (bundled, or outside with
+--catalogue-dir). The catalogue is the run's training split unless --catalogue or --all; photos are checked before
+embedding; under torchrun each rank embeds its share. See docs/training.md."""
 import argparse
 import json
 import shutil
@@ -11,6 +12,18 @@ import numpy as np
 from training import distributed
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.embedding import iter_embeddings
+from training.optimize import calibration_items
+from training.parity_gate import (
+    GATE_ITEMS,
+    GATE_QUERIES,
+    MAX_DROP,
+    REFERENCE,
+    RUNTIME_NAMES,
+    GateSample,
+    Runtimes,
+    candidates,
+    choose,
+)
 from training.photo_check import BadPhotosError, check_photos
 from training.publish import publish_bundle
 from visual_search import EMBEDDING_DIM
@@ -21,11 +34,13 @@ from visual_search.cli import HelpFormatter
 from visual_search.fileio import write_atomically
 from visual_search.items import read_csv, scan_folder
 from visual_search.model import TrainedModel
+from visual_search.openvino_engine import IR_BIN, IR_XML
 from visual_search.runtime import Runtime
 
 USAGE = """examples:
   python -m training.build_index --checkpoint runs/x/best.pt --data-dir data/photos --out-dir runs/x/bundle
   python -m training.build_index ... --profile compact --catalogue-dir /srv/catalogues/shop-v1
+  python -m training.build_index ... --runtime openvino-bf16 --queries runs/x/val.csv
   torchrun --nproc-per-node 4 -m training.build_index ...
 """
 
@@ -57,6 +72,19 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; under torchrun auto, cpu or cuda")
     p.add_argument("--skip-bad", action="store_true", help="leave out photos that cannot be decoded (listed in "
                                                            "<out-dir>/bad-photos.csv) instead of stopping")
+    gate = p.add_argument_group("runtime", "the runtime that embeds the catalogue and will serve its queries, and "
+                                           "the parity gate that admits it (docs/performance.md)")
+    gate.add_argument("--runtime", choices=RUNTIME_NAMES, default="auto",
+                      help="auto: on a CPU, the fastest OpenVINO precision that passes the gate (int8, then bf16, "
+                           "then fp32); on CUDA or under torchrun, torch-fp32")
+    gate.add_argument("--queries", default=None, help="CSV of held-out photos for the gate (default: val.csv beside "
+                                                      "the checkpoint, else a catalogue sample left out)")
+    gate.add_argument("--calibration", default=None, help="CSV of the int8 calibration photos (default: 300 "
+                                                          "catalogue photos, seeded)")
+    gate.add_argument("--gate-items", type=int, default=GATE_ITEMS, help="catalogue photos the gate embeds")
+    gate.add_argument("--gate-queries", type=int, default=GATE_QUERIES, help="held-out photos the gate embeds")
+    gate.add_argument("--accept-quality-drop", action="store_true",
+                      help=f"build a runtime asked for by name even if its precision@4 drops more than {MAX_DROP}")
     return p.parse_args(argv)
 
 
@@ -70,14 +98,17 @@ def catalogue_items(args):
 
 
 def embed_catalogue_to_file(ctx, path, model, data_dir, items, categories, preprocess, normalize, batch_size=64,
-                            workers=0):
-    # the runtime that will embed the queries, on this rank's device
-    runtime = Runtime(TrainedModel(model, preprocess, normalize), ctx.device)
-    """Streams the embeddings of `items` into the .npy at `path`, each rank the rows of its contiguous share.
+                            workers=0, settings=None, ir=None):
+    """Streams the embeddings of `items` into the .npy at `path`, each rank the rows of its contiguous share, through
+    the runtime that will embed the queries (`settings`, default torch fp32; `ir`: its optimize.Ir), on this rank's
+    device (the CPU for OpenVINO).
 
     Rank 0 creates the file under a temporary name and renames it once every rank has written its rows, so a
     build that stops half-way never leaves an embeddings.npy with rows missing.
     """
+    source = TrainedModel(model, preprocess, normalize, ir=ir and ir.model, ir_precision=ir and ir.precision)
+    openvino = settings is not None and settings.engine == "openvino"
+    runtime = Runtime(source, "cpu" if openvino else ctx.device, settings)
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     if ctx.is_main:
@@ -110,12 +141,42 @@ def clear_unfinished(out_dir):
     marker = out_dir / OUTSIDE_MARKER
     if marker.is_file():  # the outside catalogue folder this unfinished build published
         shutil.rmtree(marker.read_text().strip(), ignore_errors=True)
-    for name in (CATALOGUE_DIR, MODEL_FILE, EMBEDDINGS_FILE, f"{EMBEDDINGS_FILE}.partial", OUTSIDE_MARKER):
+    for name in (CATALOGUE_DIR, MODEL_FILE, IR_XML, IR_BIN, EMBEDDINGS_FILE, f"{EMBEDDINGS_FILE}.partial",
+                 OUTSIDE_MARKER):
         path = out_dir / name
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def held_out(args):
+    """The gate's held-out photos: --queries, else val.csv beside the checkpoint, else none."""
+    path = Path(args.queries) if args.queries else Path(args.checkpoint).parent / "val.csv"
+    if args.queries and not path.is_file():
+        raise FileNotFoundError(f"held-out photos {path} not found")
+    return read_csv(path) if path.is_file() else []
+
+
+def choose_runtime(args, ctx, model, categories, preprocess, normalize, items):
+    """The parity gate's Choice of runtime (its IR made here, once); torch fp32 asked for needs no gate."""
+    distributed = ctx.world_size > 1
+    if distributed and args.runtime not in ("auto", "torch-fp32"):
+        raise ValueError(f"--runtime {args.runtime} is built in one process: run build_index without torchrun")
+    names = candidates(args.runtime, ctx.device, distributed)
+    sample, held = None, set()
+    if names != [REFERENCE]:
+        sample = GateSample.draw(args.data_dir, items, held_out(args), categories, args.gate_items,
+                                 args.gate_queries)
+        held = {it.id for it in sample.queries}
+    calibration = read_csv(args.calibration) if args.calibration else calibration_items(
+        [it for it in items if it.id not in held])
+    runtimes = Runtimes(model, preprocess, normalize, args.data_dir, items, categories, ctx.device, calibration)
+    choice = choose(args.runtime, names, runtimes, sample, args.accept_quality_drop, args.batch_size, args.workers)
+    if choice.ir is not None and choice.ir.calibration is not None:
+        choice.ir.calibration["from"] = str(args.calibration) if args.calibration else "catalogue"
+    print(f"runtime {choice.settings.name} ({args.runtime} asked for)", flush=True)
+    return choice
 
 
 def build(args, ctx):
@@ -138,8 +199,9 @@ def build(args, ctx):
         raise FileExistsError(f"{args.catalogue_dir} exists: a catalogue folder is written once; choose a new name")
     distributed.barrier(ctx)
     try:
+        choice = choose_runtime(args, ctx, model, categories, preprocess, normalize, items)
         embed_catalogue_to_file(ctx, out_dir / EMBEDDINGS_FILE, model, args.data_dir, items, categories, preprocess,
-                                normalize, args.batch_size, args.workers)
+                                normalize, args.batch_size, args.workers, choice.settings, choice.ir)
         manifest = None
         if ctx.is_main:
             if args.catalogue_dir:
@@ -148,7 +210,8 @@ def build(args, ctx):
                                       items=items, embeddings=out_dir / EMBEDDINGS_FILE, normalize=normalize,
                                       catalogue_dir=args.catalogue_dir, profile=args.profile, factory=args.factory,
                                       search=args.search, notes=f"built from {args.checkpoint}",
-                                      image_root=args.data_dir)
+                                      image_root=args.data_dir, runtime=choice.settings.to_dict(),
+                                      catalogue_runtime=choice.catalogue_runtime, ir=choice.ir, parity=choice.parity)
     except BaseException:
         if ctx.is_main:
             clear_unfinished(out_dir)
@@ -158,7 +221,8 @@ def build(args, ctx):
         where = "bundled" if manifest["catalogue"]["bundled"] else f"outside, in {manifest['catalogue']['path']}"
         catalogue = read_manifest(catalogue_folder(out_dir, manifest))
         print(f"indexed {catalogue['count']} items ({catalogue['profile']}: {catalogue['factory']}, "
-              f"{'unit-length' if normalize else 'raw'} embeddings) in {out_dir}; catalogue {where}")
+              f"{'unit-length' if normalize else 'raw'} embeddings, runtime {choice.settings.name}) in {out_dir}; "
+              f"catalogue {where}")
     return manifest  # the other ranks are done: they need not wait while rank 0 builds the index
 
 

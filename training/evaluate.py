@@ -12,6 +12,7 @@ from visual_search.bundle import load_bundle
 from visual_search.cli import HelpFormatter
 from visual_search.items import read_csv, subsample
 from visual_search.runtime import Runtime
+from visual_search.runtime_settings import check_catalogue_runtime
 
 USAGE = """examples:
   python -m training.evaluate --bundle runs/x/bundle --data-dir data/photos --queries runs/x/val.csv
@@ -44,7 +45,11 @@ def main(argv=None):
     args = get_args(argv)
     bundle = load_bundle(args.bundle)
     queries = subsample(read_csv(args.queries), args.max_per_category, seed=1)
-    runtime = Runtime(bundle, pick_device(args.device))
+    settings, dropped = bundle.runtime.for_device(pick_device(args.device))  # the runtime the archive serves with
+    for name, why in dropped.items():
+        print(f"runtime setting {name} not applied: {why}")
+    check_catalogue_runtime(bundle.catalogue.manifest, settings, where="the evaluation")
+    runtime = Runtime(bundle, "cpu" if settings.engine == "openvino" else pick_device(args.device), settings)
     embeddings, probabilities = embed_items(runtime, args.data_dir, queries, bundle.categories, args.batch_size,
                                             args.workers, desc="embedding queries")
     catalogue = bundle.catalogue
@@ -64,11 +69,12 @@ def main(argv=None):
         f"precision_at_{args.k}_per_category": per_category,
         "queries_short_of_k": short,
         "image_size": bundle.preprocess.image_size,
+        "runtime": runtime.settings.name,
     }
     out = Path(args.out) if args.out else Path(args.bundle) / "evaluation.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"test accuracy {results['test_accuracy']:.4f} | precision@{args.k} {precision:.4f} "
-          f"({len(queries)} queries, {catalogue.count} catalogue items) -> {out}")
+          f"({len(queries)} queries, {catalogue.count} catalogue items, runtime {runtime.settings.name}) -> {out}")
     if short:
         print(f"warning: {short} of {len(queries)} queries got fewer than {args.k} results from the "
               f"{catalogue.manifest['factory']} index; each missing one counted as a miss")

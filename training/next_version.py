@@ -19,6 +19,8 @@ from training.build_index import EMBEDDINGS_FILE, embed_catalogue_to_file
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.distributed import Context, pick_device
 from training.embedding import embed_items
+from training.optimize import catalogue_embedder
+from training.parity_gate import rebuild
 from training.photo_check import check_photos
 from training.publish import publish_bundle, write_bundle
 from visual_search import EMBEDDING_DIM
@@ -31,7 +33,6 @@ from visual_search.cli import HelpFormatter
 from visual_search.errors import BundleError, CatalogueError
 from visual_search.fileio import copy_into, staging_folder, utc_now, write_atomically
 from visual_search.items import scan_folder
-from visual_search.model import TrainedModel
 from visual_search.runtime import Runtime
 
 USAGE = """examples:
@@ -61,6 +62,8 @@ def get_args(argv=None):
     p.add_argument("--remove", nargs="+", default=[], metavar="ID", help="ids of items to take out")
     p.add_argument("--remove-file", default=None, help="a text file of ids to take out, one a line")
     p.add_argument("--checkpoint", default=None, help="retrained checkpoint: re-embed every item with it")
+    p.add_argument("--accept-quality-drop", action="store_true",
+                   help="with --checkpoint on a bf16 or int8 catalogue: build it even if the parity gate fails")
     p.add_argument("--compact", action="store_true",
                    help="fold the listings added and removed through the change log (serving.listings) into the "
                         "next version; --add and --remove do this too")
@@ -229,8 +232,8 @@ def named(ids):
 
 def check_change(catalogue, source_dir, remove, new_items, vectors):
     """Refuses ids to remove that are not live, new ids that are live (unless removed in the same run, or the same
-    listing a killed run already added: those are left out), and a change that would leave no item. Returns the
-    new items and their vectors that are still to add."""
+    listing a killed run already wrote to the log and did not fold: those are left out), and a change that would
+    leave no item. Returns the new items and their vectors that are still to add."""
     unknown = [i for i in remove if not catalogue.contains(i)]
     if unknown:
         raise ValueError(f"not in the catalogue of {source_dir}: {named(unknown)}")
@@ -239,8 +242,10 @@ def check_change(catalogue, source_dir, remove, new_items, vectors):
         if item.id in removing or not catalogue.contains(item.id):
             todo.append((item, vector))
             continue
-        _, live = catalogue.listing(item.id)
-        if live.category != item.category or not np.allclose(catalogue.vector(item.id), vector, atol=1e-5):
+        key, live = catalogue.listing(item.id)
+        unfolded = catalogue.overlay is not None and key >= catalogue.overlay.key_space
+        if not unfolded or live.category != item.category or not np.allclose(catalogue.vector(item.id), vector,
+                                                                              atol=1e-5):
             clashes.append(item.id)
     if clashes:
         raise ValueError(f"ids already in the catalogue: {named(clashes)} (remove them first to replace)")
@@ -277,13 +282,14 @@ def index_plan(catalogue_manifest):
     return {"profile": catalogue_manifest["profile"]}
 
 
-def embed_photos(args, model, preprocess, normalize, root, items, out_dir, categories):
-    """Checks that every photo decodes (listing the ones that do not), then embeds them with the serving runtime:
-    float32 [len(items), 2048]."""
+def embed_photos(args, source, root, items, out_dir):
+    """Checks that every photo decodes (listing the ones that do not), then embeds them as the source's catalogue
+    was embedded (its runtime, with the bundle's IR): float32 [len(items), 2048]."""
     ctx = Context(device=pick_device(args.device))
-    check_photos(ctx, root, items, out_dir, size=preprocess.image_size, workers=args.embed_workers)
-    runtime = Runtime(TrainedModel(model, preprocess, normalize), ctx.device)
-    embeddings, _ = embed_items(runtime, root, items, categories, args.embed_batch_size, args.embed_workers,
+    check_photos(ctx, root, items, out_dir, size=source.preprocess.image_size, workers=args.embed_workers)
+    settings, _ = catalogue_embedder(source)
+    runtime = Runtime(source, "cpu" if settings.engine == "openvino" else ctx.device, settings)
+    embeddings, _ = embed_items(runtime, root, items, source.categories, args.embed_batch_size, args.embed_workers,
                                 desc="embedding new photos")
     return embeddings
 
@@ -318,11 +324,14 @@ def folded_in_place(args, source, log, until, out_dir, folder, new_catalogue, no
     were embedded; the quantizer and the old vectors are kept."""
     adds, remove = folded(source.catalogue, log, until, source.manifest["weights_sha256"])
     vectors = write_vectors(out_dir / ADDED_EMBEDDINGS_FILE, adds) if adds else None
+    settings, ir = catalogue_embedder(source)  # the log's rows were embedded as the catalogue's were
     update_catalogue(source.catalogue.folder, new_catalogue, add_items=[change.item for change in adds],
-                     add_embeddings=vectors, remove_ids=remove, notes=notes, changes_folded=until)
+                     add_embeddings=vectors, remove_ids=remove, notes=notes, changes_folded=until,
+                     runtime=settings.record())
     return write_bundle(out_dir, model=source.model.cpu(), categories=source.categories,
                         preprocess=source.preprocess, catalogue_dir=new_catalogue, normalize=source.normalize,
-                        runtime=source.manifest.get("runtime"), notes=notes, image_root=folder)
+                        runtime=source.manifest.get("runtime"), notes=notes, image_root=folder, ir=ir,
+                        parity=source.manifest.get("parity"))
 
 
 def re_embedded(args, source, log, until, out_dir, folder, new_catalogue, notes):
@@ -332,19 +341,41 @@ def re_embedded(args, source, log, until, out_dir, folder, new_catalogue, notes)
     items = source.catalogue.all_items()
     path = out_dir / EMBEDDINGS_FILE
     ctx = Context(device=pick_device(args.device))
-    check_photos(ctx, folder, [local_image(it) for it in items], out_dir, size=preprocess.image_size,
-                 workers=args.embed_workers)
-    embed_catalogue_to_file(ctx, path, model, folder, [local_image(it) for it in items], categories, preprocess,
-                            source.normalize, args.embed_batch_size, args.embed_workers)
+    local = [local_image(it) for it in items]
+    check_photos(ctx, folder, local, out_dir, size=preprocess.image_size, workers=args.embed_workers)
+    # the catalogue's runtime again, its IR made from the new weights and admitted by the parity gate
+    choice = rebuild(catalogue_embedder(source)[0].name, model, preprocess, source.normalize, folder, local,
+                     categories, ctx.device, args.embed_batch_size, args.embed_workers, args.accept_quality_drop)
+    embed_catalogue_to_file(ctx, path, model, folder, local, categories, preprocess, source.normalize,
+                            args.embed_batch_size, args.embed_workers, choice.settings, choice.ir)
     bundled = source.manifest["catalogue"].get("bundled")
     return publish_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess, items=items,
                           embeddings=path, normalize=source.normalize,
                           catalogue_dir=None if bundled else new_catalogue, **index_plan(source.catalogue.manifest),
-                          runtime=source.manifest.get("runtime"), notes=notes, image_root=folder, changes_folded=until)
+                          runtime=source.manifest.get("runtime"), notes=notes, image_root=folder, changes_folded=until,
+                          catalogue_runtime=choice.catalogue_runtime, ir=choice.ir, parity=choice.parity)
 
 
 def update(args):
     store = Path(args.model_store)
+    fresh = not store.exists()
+    try:
+        return update_line(args, store)
+    except BaseException:
+        if fresh:
+            remove_lock_only_store(store, args.name)
+        raise
+
+
+def remove_lock_only_store(store, name):
+    """Removes a model store this run created if it holds nothing but the line's lock file."""
+    lock = store / f".{name}.lock"
+    if store.is_dir() and all(path == lock for path in store.iterdir()):
+        lock.unlink(missing_ok=True)
+        store.rmdir()
+
+
+def update_line(args, store):
     with line_lock(store, args.name):
         record = read_record(store, args.name)
         latest = record["versions"][-1] if record["versions"] else None
@@ -392,8 +423,7 @@ def update_from(args, record, latest, source_dir, source):
         new_catalogue = new_catalogue_folder(source, out_dir, args.name, number)
         refuse_existing(out_dir, new_catalogue)
         with Undo() as undo:
-            vectors = (embed_photos(args, source.model, source.preprocess, source.normalize, Path(args.add),
-                                    new_items, out_dir.parent, source.categories) if new_items else [])
+            vectors = embed_photos(args, source, Path(args.add), new_items, out_dir.parent) if new_items else []
             todo = check_change(source.catalogue, source_dir, remove, new_items, vectors)  # before anything is written
             copy_into_folder([item for item, _ in todo], Path(args.add), folder, undo) if todo else None
             added = [(replace(item, image=args.image_prefix + item.image) if args.image_prefix else item, vector)

@@ -1,6 +1,7 @@
 """A bundle: model.pt (a state dict, loaded with weights_only=True), manifest.json (categories, preprocessing,
-runtime, the weights' sha256, the reference of its catalogue) and the catalogue folder, bundled or outside. This is
-the read side, checked at load; training.publish writes bundles."""
+runtime, the weights' sha256, the reference of its catalogue), for the openvino engine an IR (model.xml + model.bin,
+with their sha256) and the catalogue folder, bundled or outside. The read side, checked at load; training.publish
+writes bundles."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,9 @@ from .catalogue import open_catalogue
 from .errors import BundleError, CatalogueError
 from .fileio import sha256_file, under_catalogues
 from .model import ProductNet
+from .openvino_engine import IR_BIN, IR_XML
 from .preprocessing import PreprocessSettings
+from .runtime_settings import RuntimeSettings
 
 MODEL_FILE, MANIFEST_FILE, CATALOGUE_DIR = "model.pt", "manifest.json", "catalogue"
 BUNDLE_FILES = (MODEL_FILE, MANIFEST_FILE)
@@ -23,6 +26,20 @@ class Bundle:
     model: ProductNet
     catalogue: object  # visual_search.catalogue.Catalogue
     manifest: dict
+    folder: Path = None
+
+    @property
+    def runtime(self):
+        return RuntimeSettings.from_dict(self.manifest["runtime"])
+
+    @property
+    def ir(self):
+        """The path of the OpenVINO IR's model.xml, or None when the bundle carries none."""
+        return self.folder / IR_XML if self.manifest.get("openvino") else None
+
+    @property
+    def ir_precision(self):
+        return (self.manifest.get("openvino") or {}).get("precision")
 
     @property
     def categories(self):
@@ -62,6 +79,37 @@ def catalogue_folder(bundle_dir, manifest, override=None):
     return Path(reference["path"])
 
 
+def bundle_files(manifest):
+    """The files of a bundle beside its catalogue: the weights, the manifest and the IR files it lists."""
+    return (*BUNDLE_FILES, *((manifest.get("openvino") or {}).get("files") or {}))
+
+
+def check_runtime(bundle_dir, manifest, verify_checksums=True):
+    """The runtime section is valid, and the OpenVINO IR it needs is there, as listed, with its sha256."""
+    try:
+        settings = RuntimeSettings.from_dict(manifest.get("runtime") or {})
+    except (TypeError, ValueError) as error:
+        raise BundleError(f"{MANIFEST_FILE}: runtime section {manifest.get('runtime')}: {error}") from None
+    ir = manifest.get("openvino")
+    if ir:
+        if set(ir.get("files") or {}) != {IR_XML, IR_BIN} or ir.get("precision") not in ("fp32", "int8"):
+            raise BundleError(f"{MANIFEST_FILE}: the openvino section lists {sorted(ir.get('files') or {})} at "
+                              f"precision {ir.get('precision')!r}, expected {IR_XML} and {IR_BIN} at fp32 or int8")
+        for name, digest in ir["files"].items():
+            path = Path(bundle_dir) / name
+            if not path.is_file():
+                raise BundleError(f"{bundle_dir} lacks {name}, the OpenVINO IR its manifest lists")
+            if verify_checksums and sha256_file(path) != digest:
+                raise BundleError(f"{name} does not match the checksum in {MANIFEST_FILE}")
+    if settings.engine == "openvino":
+        if not ir:
+            raise BundleError(f"{MANIFEST_FILE}: the runtime is openvino but the bundle carries no OpenVINO IR")
+        if (settings.precision == "int8") != (ir["precision"] == "int8"):
+            raise BundleError(f"{MANIFEST_FILE}: the runtime is openvino {settings.precision} but the IR is "
+                              f"{ir['precision']} (an int8 IR serves int8, an fp32 one fp32 and bf16)")
+    return settings
+
+
 def load_model(bundle_dir, manifest, verify_checksum=True):
     path = Path(bundle_dir) / MODEL_FILE
     if verify_checksum and sha256_file(path) != manifest.get("weights_sha256"):
@@ -92,6 +140,7 @@ def load_bundle(bundle_dir, catalogue_dir=None, verify_checksums=True, mmap=True
     if not categories or len(set(categories)) != len(categories):
         raise BundleError(f"categories must be a non-empty list of distinct names, got {categories}")
     PreprocessSettings.from_dict(manifest["preprocess"])
+    check_runtime(bundle_dir, manifest, verify_checksums)
     model = load_model(bundle_dir, manifest, verify_checksums)
     folder = catalogue_folder(bundle_dir, manifest, catalogue_dir)
     if not folder.is_dir():
@@ -101,4 +150,4 @@ def load_bundle(bundle_dir, catalogue_dir=None, verify_checksums=True, mmap=True
         catalogue = open_catalogue(folder, mmap=mmap, expect=manifest["catalogue"])
     except CatalogueError as error:
         raise BundleError(str(error)) from None
-    return Bundle(model=model, catalogue=catalogue, manifest=manifest)
+    return Bundle(model=model, catalogue=catalogue, manifest=manifest, folder=bundle_dir)

@@ -9,10 +9,13 @@ from . import EMBEDDING_DIM
 
 @dataclass
 class TrainedModel:
-    """A model with what embedding needs beside it: its preprocessing, and whether embeddings are unit length."""
+    """A model with what embedding needs beside it: its preprocessing, whether embeddings are unit length, and for
+    the openvino engine its IR (model.xml or an openvino.Model) and the IR's precision (fp32 or int8)."""
     model: nn.Module
     preprocess: object  # visual_search.preprocessing.PreprocessSettings
     normalize: bool = True
+    ir: object = None
+    ir_precision: str = None
 
 
 class ProductNet(nn.Module):

@@ -1,12 +1,12 @@
-"""The model at serving time, as the archive's "runtime" section sets it (precision, channels_last, compile,
-gpu_decode; half precisions and GPU decoding on CUDA only), with its share of the CPUs and a bounded batch decoder.
-`prepare` turns a batch of rows into a Prepared batch, `embed` runs the model. See docs/performance.md."""
+"""The model at serving time, as the archive's "runtime" section sets it (visual_search.runtime_settings: the torch
+engine, or the OpenVINO IR on the CPU), with its share of the CPUs and a bounded batch decoder. `prepare` turns a
+batch of rows into a Prepared batch, `embed` runs the model. See docs/performance.md."""
 import io
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -18,44 +18,14 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .catalogue.vectors import l2_normalize
+from .errors import BundleError
 from .images import InputError, decode_image
+from .openvino_engine import OpenVinoModel
 from .preprocessing import eval_transform
 from .request import Limits, parse_query
+from .runtime_settings import PRECISIONS, RuntimeSettings
 
 log = logging.getLogger(__name__)
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CUDA_ONLY = {"precision": "fp16 and bf16 are used on CUDA only; fp32 on the CPU",
-             "gpu_decode": "JPEG decoding on the GPU needs CUDA; PIL decodes on the CPU"}
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    gpu_decode: bool = False
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-
-    @classmethod
-    def from_dict(cls, values):
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown runtime settings: {sorted(unknown)}")
-        return cls(**values)
-
-    def to_dict(self):
-        return asdict(self)
-
-    def for_device(self, device):
-        """(the settings that apply on `device`, {setting: why it was dropped})."""
-        if torch.device(device).type == "cuda":
-            return self, {}
-        default = RuntimeSettings()
-        dropped = {name: why for name, why in CUDA_ONLY.items() if getattr(self, name) != getattr(default, name)}
-        return RuntimeSettings(channels_last=self.channels_last, compile=self.compile), dropped
 
 
 CPUS_ENV = "VISUAL_SEARCH_CPUS"  # the CPUs a pod requests (Kubernetes' downward API), when it has no limit
@@ -192,21 +162,41 @@ class Prepared:
     photo_rows: dict = field(default_factory=dict)  # row -> its position in `batch`
 
 
+def openvino_ir(source, precision):
+    """The IR of `source` for an openvino runtime at `precision`: the int8 IR for int8, the fp32 one otherwise."""
+    ir, ir_precision = getattr(source, "ir", None), getattr(source, "ir_precision", None)
+    if ir is None:
+        raise BundleError("the runtime is openvino but the bundle carries no OpenVINO IR: build it with "
+                          "training.build_index --runtime openvino-...")
+    if (precision == "int8") != (ir_precision == "int8"):
+        raise BundleError(f"the bundle's OpenVINO IR is {ir_precision}: it serves "
+                          f"{'int8 only' if ir_precision == 'int8' else 'fp32 and bf16'}, not {precision}")
+    return ir
+
+
 class Runtime:
     """A model and its preprocessing with the runtime settings applied; `embed` is the hot path. `source` is a Bundle
-    or a TrainedModel: anything with model, preprocess and normalize."""
+    or a TrainedModel: anything with model, preprocess, normalize and, for the openvino engine, ir (model.xml or an
+    openvino.Model, the int8 one for int8) and ir_precision."""
 
     def __init__(self, source, device="cpu", settings=None, warmup_batch=0):
         self.device = torch.device(device)
         self.settings = settings or RuntimeSettings()
-        self.dtype = PRECISIONS[self.settings.precision]
-        self.memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
         self.normalize = source.normalize
         self.image_size = source.preprocess.image_size
         self.transform = eval_transform(source.preprocess)
-        model = source.model.to(self.device, self.dtype).eval().to(memory_format=self.memory_format)
-        forward = model.embed_and_classify
-        self.forward = torch.compile(forward) if self.settings.compile else forward
+        if self.settings.engine == "openvino":
+            if self.device.type != "cpu":
+                raise ValueError(f"the openvino engine runs on the CPU, not {self.device}")
+            self.dtype, self.memory_format = torch.float32, torch.contiguous_format
+            self.forward = OpenVinoModel(openvino_ir(source, self.settings.precision), self.settings.precision,
+                                         image_size=self.image_size, categories=source.model.head.out_features)
+        else:
+            self.dtype = PRECISIONS[self.settings.precision]
+            self.memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
+            model = source.model.to(self.device, self.dtype).eval().to(memory_format=self.memory_format)
+            forward = model.embed_and_classify
+            self.forward = torch.compile(forward) if self.settings.compile else forward
         # each image is shrunk towards the input size as it is decoded, so a batch never holds full-size images
         self.decode_images = partial(jpeg_or_image if self.settings.gpu_decode else decode_image,
                                      size=self.image_size)

@@ -16,6 +16,7 @@ from .errors import InputError, VisualSearchError
 from .fileio import under_catalogues
 from .request import Limits, compact_json, error_answer
 from .runtime import CoreShare, Runtime, RuntimeSettings
+from .runtime_settings import check_catalogue_runtime
 
 log = logging.getLogger(__name__)
 EMBEDDING_DECIMALS = 9  # under 1e-9 from the model's float32 values; about 25 KB of JSON for 2048 floats
@@ -85,6 +86,7 @@ class SearchService:
         runtime_settings, dropped = RuntimeSettings.from_dict(bundle.manifest["runtime"]).for_device(device)
         for name, why in dropped.items():
             log.info("runtime setting %s not applied: %s", name, why)
+        check_catalogue_runtime(bundle.catalogue.manifest, runtime_settings)
         runtime = Runtime(bundle, device, runtime_settings, warmup_batch=batch_size)
         limits = Limits(default_k=int(settings.get("default_k", 4)),
                         max_k=min(int(settings.get("max_k", 100)), bundle.catalogue.count))

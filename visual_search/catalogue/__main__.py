@@ -9,6 +9,7 @@ import faiss
 from ..cli import HelpFormatter
 from ..errors import VisualSearchError
 from ..items import read_csv
+from ..runtime_settings import RUNTIME_NAMES, RuntimeSettings
 from .build import publish_catalogue, reindex_catalogue, update_catalogue
 from .index import PROFILES
 from .manifest import read_manifest
@@ -47,6 +48,8 @@ def get_args(argv=None):
     cats.add_argument("--categories-from", help="a bundle manifest.json: its categories, in the model's order")
     publish.add_argument("--no-normalize", action="store_true", help="keep the vectors' lengths")
     publish.add_argument("--notes", default="")
+    publish.add_argument("--runtime", choices=RUNTIME_NAMES, default="torch-fp32",
+                         help="the runtime that embedded the rows (served queries must match it)")
     plan_options(publish)
 
     update = sub.add_parser("update", help="the next version: items added and removed, nothing retrained")
@@ -57,6 +60,8 @@ def get_args(argv=None):
     update.add_argument("--remove", nargs="+", default=[], metavar="ID")
     update.add_argument("--remove-file", help="a file of ids to remove, one a line")
     update.add_argument("--notes", default="")
+    update.add_argument("--runtime", choices=RUNTIME_NAMES, default="torch-fp32",
+                        help="the runtime that embedded the new rows: the catalogue's own")
 
     reindex = sub.add_parser("reindex", help="the same items with another index profile")
     reindex.add_argument("source")
@@ -86,7 +91,8 @@ def run(args):
                 categories = json.load(f)["categories"]
         manifest = publish_catalogue(args.out, args.embeddings, read_csv(args.items), categories=categories,
                                      profile=args.profile, factory=args.factory, search=args.search,
-                                     normalize=not args.no_normalize, notes=args.notes)
+                                     normalize=not args.no_normalize, notes=args.notes,
+                                     runtime=RuntimeSettings.named(args.runtime).record())
     elif args.command == "update":
         remove = list(args.remove)
         if args.remove_file:
@@ -94,7 +100,8 @@ def run(args):
                 remove += [line.strip() for line in f if line.strip()]
         items = read_csv(args.add_items) if args.add_items else []
         manifest = update_catalogue(args.source, args.out, add_items=items, add_embeddings=args.add_embeddings,
-                                    remove_ids=remove, notes=args.notes)
+                                    remove_ids=remove, notes=args.notes,
+                                    runtime=RuntimeSettings.named(args.runtime).record())
     elif args.command == "reindex":
         manifest = reindex_catalogue(args.source, args.out, profile=args.profile, factory=args.factory,
                                      search=args.search)

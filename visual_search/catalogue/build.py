@@ -14,6 +14,7 @@ from tqdm import tqdm
 from .. import EMBEDDING_DIM
 from ..errors import CatalogueError
 from ..fileio import staging_folder, utc_now
+from ..runtime_settings import catalogue_runtime, runtime_name
 from .filters import bitmap_bytes, category_bitmaps, codes_from_bitmaps, list_category_counts, set_bits
 from .index import flat_codes, ivf_of, mmap_flag_for, new_index, open_index, plan_index, reserve, save_index, train_rows
 from .items_db import create_items, update_items
@@ -84,12 +85,15 @@ def sample_positions(count, rows, seed):
 
 
 def publish_catalogue(out_dir, embeddings, items, *, categories=None, profile=None, factory=None, search=None,
-                      normalize=True, chunk_rows=CHUNK_ROWS, seed=0, progress=True, notes="", changes_folded=0):
+                      normalize=True, chunk_rows=CHUNK_ROWS, seed=0, progress=True, notes="", changes_folded=0,
+                      runtime=None):
     """Writes a new catalogue folder from embeddings (a .npy path, read in chunks, or an array) [N, 2048] and
     N items (catalogue.Item, rows in the same order). Returns the manifest.
 
     categories: the category names in code order (e.g. the model's); default: the items' categories, sorted.
     profile / factory / search: the index plan (visual_search.index.plan_index); default: chosen by size.
+    runtime: the record of the runtime that embedded the rows (engine, precision, the query runtimes measured
+    compatible; visual_search.runtime_settings); default: torch fp32.
     """
     reader = RowReader(embeddings)
     count = len(reader)
@@ -146,6 +150,7 @@ def publish_catalogue(out_dir, embeddings, items, *, categories=None, profile=No
                 "changed_since_training": 0, "changes_folded": int(changes_folded),
                 "segments": [Segment(segment_name(0), 0, count).to_dict()],
                 "build_seconds": {k: round(v, 2) for k, v in timings.items()},
+                "runtime": catalogue_runtime({"runtime": runtime}),
             }
             finish(tmp, manifest, progress=progress)
     finally:
@@ -177,16 +182,19 @@ def _derived(source_manifest, change, notes):
 
 
 def update_catalogue(source_dir, out_dir, *, add_items=(), add_embeddings=None, remove_ids=(),
-                     chunk_rows=CHUNK_ROWS, progress=True, notes="", changes_folded=None):
+                     chunk_rows=CHUNK_ROWS, progress=True, notes="", changes_folded=None, runtime=None):
     """The next version of a catalogue: `source_dir` minus `remove_ids` plus `add_items` with their embeddings
-    (rows in the same order). The quantizer is not retrained and old items are not re-embedded: removed ids leave
-    the index (remove_ids), new ones are added with fresh keys (add_with_ids), vector segments are shared by hard
-    links. Removed keys are never reused. `changes_folded`: the last change of the line's log this version
-    holds (default: the source's). Returns the new manifest."""
+    (rows in the same order, embedded by `runtime`, default torch fp32, which must be the catalogue's). The quantizer
+    is not retrained and old items are not re-embedded: removed ids leave the index (remove_ids), new ones are added
+    with fresh keys (add_with_ids), vector segments are shared by hard links. Removed keys are never reused.
+    `changes_folded`: the last change of the line's log this version holds (default: the source's). Returns the new
+    manifest, which keeps the source's runtime record."""
     source = open_catalogue(source_dir, mmap=True)
     reader = None
     try:
         old = source.manifest
+        if add_items:
+            check_same_runtime(old, runtime, source_dir)
         remove_ids = list(dict.fromkeys(remove_ids))
         removed = source.items.keys_of(remove_ids)
         unknown = [i for i in remove_ids if i not in removed]
@@ -297,6 +305,14 @@ def update_catalogue(source_dir, out_dir, *, add_items=(), add_embeddings=None, 
         source.close()
         if reader is not None:
             reader.close()
+
+
+def check_same_runtime(manifest, runtime, folder):
+    """CatalogueError unless rows embedded by `runtime` (a record; None: torch fp32) match the catalogue's."""
+    have, given = catalogue_runtime(manifest), catalogue_runtime({"runtime": runtime})
+    if runtime_name(have) != runtime_name(given):
+        raise CatalogueError(f"{folder} was embedded by {runtime_name(have)}; the rows to add were embedded by "
+                             f"{runtime_name(given)}: embed them with the catalogue's runtime")
 
 
 def _remove(index, keys, source, chunk_rows, progress):
