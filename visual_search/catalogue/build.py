@@ -84,12 +84,13 @@ def sample_positions(count, rows, seed):
 
 
 def publish_catalogue(out_dir, embeddings, items, *, categories=None, profile=None, factory=None, search=None,
-                      normalize=True, chunk_rows=CHUNK_ROWS, seed=0, progress=True, notes=""):
+                      normalize=True, chunk_rows=CHUNK_ROWS, seed=0, progress=True, notes="", duplicates=None):
     """Writes a new catalogue folder from embeddings (a .npy path, read in chunks, or an array) [N, 2048] and
     N items (catalogue.Item, rows in the same order). Returns the manifest.
 
     categories: the category names in code order (e.g. the model's); default: the items' categories, sorted.
     profile / factory / search: the index plan (visual_search.index.plan_index); default: chosen by size.
+    duplicates: the near-duplicate calibration to record (training.calibration; updates and re-indexes keep it).
     """
     reader = RowReader(embeddings)
     count = len(reader)
@@ -147,6 +148,8 @@ def publish_catalogue(out_dir, embeddings, items, *, categories=None, profile=No
                 "segments": [Segment(segment_name(0), 0, count).to_dict()],
                 "build_seconds": {k: round(v, 2) for k, v in timings.items()},
             }
+            if duplicates is not None:
+                manifest["duplicates"] = dict(duplicates)
             finish(tmp, manifest, progress=progress)
     finally:
         reader.close()

@@ -1,0 +1,167 @@
+"""Near-duplicate listings at request time: the distance threshold (calibrated with the catalogue, or given by the
+request), the listings within it among a search's nearest neighbours, and answers with near-duplicates collapsed to
+one per group, still k. The search goes deeper only for rows that need it. docs/duplicates.md has the calibration."""
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..errors import InputError
+from .search import Hits
+
+MAX_DUPLICATES = 100  # listings one duplicates answer names at most
+FIRST_DEPTH = 16  # neighbours searched first for a duplicates check; deeper only when every one is within the threshold
+DIVERSE_DEPTH = 4  # a diverse answer first searches k times this many neighbours
+MAX_DIVERSE_DEPTH = 1024  # and at most this many, when near-duplicates crowd the neighbourhood
+WIDEN = 4  # each deeper search looks at this many times as many neighbours
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A squared L2 distance under which two listings count as near-duplicates, and where it comes from."""
+    distance: float
+    calibrated: bool  # the catalogue's calibrated threshold; False: the request's own
+    precision: float = None  # measured at calibration (calibrated thresholds only)
+    recall: float = None
+
+    def to_dict(self):
+        return {"threshold": round(float(self.distance), 6), "calibrated": self.calibrated,
+                "precision": self.precision, "recall": self.recall}
+
+
+def calibrated_threshold(manifest, weights_sha256):
+    """The Threshold a catalogue manifest records for the model with these weights; None when it records none, or
+    one calibrated for other weights (another embedding space)."""
+    record = manifest.get("duplicates") or {}
+    if record.get("threshold") is None or record.get("weights_sha256") != weights_sha256:
+        return None
+    return Threshold(float(record["threshold"]), True, record.get("precision"), record.get("recall"))
+
+
+def no_threshold(manifest):
+    """The 409 for a near-duplicate request to a catalogue without a threshold for this model."""
+    record = manifest.get("duplicates") or {}
+    if record.get("threshold") is not None:
+        why = "near-duplicate threshold was calibrated for other weights"
+    elif record:
+        why = (f"near-duplicate calibration found no threshold with precision {record.get('target_precision')} "
+               f"({record.get('precision')} at best)")
+    else:
+        why = "catalogue has no calibrated near-duplicate threshold"
+    return InputError(f"this {why}: give the distance to use with duplicate_threshold (X-Duplicate-Threshold), "
+                      f"a squared L2 distance such as 0.05", 409, label="no_threshold")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a similar-items row asks of the catalogue beside its k nearest neighbours."""
+    k: int
+    threshold: Threshold = None
+    duplicates: bool = False  # name the listings within the threshold
+    diverse: bool = False  # collapse near-duplicates among the k answered
+
+    @property
+    def extra(self):
+        return self.duplicates or self.diverse
+
+    def first_depth(self):
+        depth = self.k
+        if self.duplicates:
+            depth = max(depth, FIRST_DEPTH)
+        if self.diverse:
+            depth = max(depth, self.k * DIVERSE_DEPTH)
+        return depth
+
+
+def plan_of(params, calibrated, manifest):
+    """The Plan of a row's parameters; an InputError (409) when it needs a threshold that neither the catalogue
+    (`calibrated`, a Threshold or None) nor the request gives."""
+    duplicates, diverse = bool(params.get("duplicates")), bool(params.get("diverse"))
+    threshold = None
+    if duplicates or diverse:
+        given = params.get("duplicate_threshold")
+        threshold = Threshold(float(given), False) if given is not None else calibrated
+        if threshold is None:
+            raise no_threshold(manifest)
+    return Plan(int(params["k"]), threshold, duplicates, diverse)
+
+
+def stored_vectors(catalogue, ids):
+    """float32 [len(ids), dim]: the stored vectors of catalogue ids, in their order."""
+    keys = catalogue.items.keys_of(ids)
+    return catalogue.vectors.get([keys[item_id] for item_id in ids])
+
+
+def collapse(vectors, threshold, k):
+    """Positions of the rows to keep, nearest first: a row is kept when it lies farther than `threshold` from every
+    row kept before it, until k are kept."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = (vectors ** 2).sum(axis=1)
+    distances = norms[:, None] + norms[None, :] - 2.0 * vectors @ vectors.T
+    kept = []
+    for position in range(len(vectors)):
+        if len(kept) == k:
+            break
+        if not kept or distances[position, kept].min() > threshold:
+            kept.append(position)
+    return kept
+
+
+def _within(hits, threshold):
+    return [n for n in hits.neighbours if n.distance <= threshold]
+
+
+def _next_depth(plan, hits, depth, kept):
+    """The depth to search again at, or None when `hits` (searched at `depth`) answers the plan."""
+    if len(hits.neighbours) >= hits.available or len(hits.neighbours) < depth:
+        return None  # every item the filter lets through has been seen
+    wanted = []
+    if plan.duplicates and depth <= MAX_DUPLICATES and len(_within(hits, plan.threshold.distance)) == depth:
+        wanted.append(min(depth * WIDEN, MAX_DUPLICATES + 1))
+    if plan.diverse and len(kept) < plan.k and depth < MAX_DIVERSE_DEPTH:
+        wanted.append(min(depth * WIDEN, MAX_DIVERSE_DEPTH))
+    return max(wanted) if wanted else None
+
+
+def _neighbour(n):
+    return {**n.to_dict(), "distance": round(n.distance, 6)}
+
+
+def finish(catalogue, requests, results, plans):
+    """(results, extras) for a batch searched at each plan's first depth: each row's Hits cut to its k (near-
+    duplicates collapsed when it asks), searched again deeper where needed, and the fields its answer adds."""
+    results, extras = list(results), [{} for _ in results]
+    depths = [request.k for request in requests]
+    pending = [i for i, plan in enumerate(plans) if plan.extra and isinstance(results[i], Hits)]
+    kept = {}
+    while pending:
+        deeper = {}
+        for i in pending:
+            hits, plan = results[i], plans[i]
+            if plan.diverse:
+                ids = [n.id for n in hits.neighbours]
+                kept[i] = collapse(stored_vectors(catalogue, ids), plan.threshold.distance, plan.k) if ids else []
+            depth = _next_depth(plan, hits, depths[i], kept.get(i, ()))
+            if depth is not None:
+                deeper[i] = depth
+        if not deeper:
+            break
+        again = catalogue.answer([replace(requests[i], k=depth) for i, depth in deeper.items()])
+        for (i, depth), result in zip(deeper.items(), again):
+            results[i], depths[i] = result, depth
+        pending = [i for i in deeper if isinstance(results[i], Hits)]
+    for i, plan in enumerate(plans):
+        hits = results[i]
+        if not isinstance(hits, Hits):
+            continue
+        neighbours = hits.neighbours[:plan.k]
+        if plan.duplicates:
+            within = _within(hits, plan.threshold.distance)
+            extras[i]["duplicates"] = {**plan.threshold.to_dict(),
+                                       "listings": [_neighbour(n) for n in within[:MAX_DUPLICATES]],
+                                       "more": len(within) > MAX_DUPLICATES}
+        if plan.diverse:
+            neighbours = [hits.neighbours[p] for p in kept[i]]
+            seen = kept[i][-1] + 1 if len(kept[i]) == plan.k else len(hits.neighbours)
+            extras[i]["diverse"] = {**plan.threshold.to_dict(), "collapsed": seen - len(kept[i])}
+        results[i] = Hits(neighbours, plan.k, hits.available, hits.listing)
+    return results, extras
