@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from training import distributed
+from training.calibration import DEFAULT_LISTINGS, TARGET_PRECISION, calibrate_model
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.embedding import iter_embeddings
 from training.photo_check import BadPhotosError, check_photos
-from training.publish import publish_bundle
+from training.publish import publish_bundle, weights_sha256
 from visual_search import EMBEDDING_DIM
 from visual_search.bundle import catalogue_folder
 from visual_search.catalogue import read_manifest
@@ -52,6 +53,16 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; under torchrun auto, cpu or cuda")
+    calibration = p.add_mutually_exclusive_group()
+    calibration.add_argument("--calibration-photos", default=None,
+                             help="CSV of held-out photos under --data-dir to calibrate the near-duplicate threshold "
+                                  "on (default: val.csv beside the checkpoint, when it is there)")
+    calibration.add_argument("--no-calibration", action="store_true",
+                             help="publish without a near-duplicate threshold (requests must then give one)")
+    p.add_argument("--calibration-listings", type=int, default=DEFAULT_LISTINGS,
+                   help="held-out photos used, spread over the categories (0: all)")
+    p.add_argument("--target-precision", type=float, default=TARGET_PRECISION,
+                   help="the near-duplicate threshold is the largest with at least this precision")
     p.add_argument("--skip-bad", action="store_true", help="leave out photos that cannot be decoded (listed in "
                                                            "<out-dir>/bad-photos.csv) instead of stopping")
     return p.parse_args(argv)
@@ -64,6 +75,18 @@ def catalogue_items(args):
     if not path.is_file():
         raise FileNotFoundError(f"catalogue list {path} not found: pass --catalogue or --all")
     return read_csv(path)
+
+
+def calibration_photos(args):
+    """The held-out photos list to calibrate on, or None (none asked for, or no val.csv beside the checkpoint)."""
+    if args.no_calibration:
+        return None
+    if args.calibration_photos:
+        if not Path(args.calibration_photos).is_file():
+            raise FileNotFoundError(f"--calibration-photos {args.calibration_photos} not found")
+        return Path(args.calibration_photos)
+    default = Path(args.checkpoint).parent / "val.csv"
+    return default if default.is_file() else None
 
 
 def embed_catalogue_to_file(ctx, path, model, data_dir, items, categories, preprocess, normalize, batch_size=64,
@@ -115,10 +138,16 @@ def build(args, ctx):
                             normalize, args.batch_size, args.workers)
     manifest = None
     if ctx.is_main:
+        photos, duplicates = calibration_photos(args), None
+        if photos is not None:
+            duplicates = calibrate_model(model, preprocess, normalize, ctx.device, photos, args.data_dir,
+                                         out_dir / EMBEDDINGS_FILE, items, weights_sha256(model.cpu()),
+                                         args.calibration_listings, args.target_precision)
         manifest = publish_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess,
                                   items=items, embeddings=out_dir / EMBEDDINGS_FILE, normalize=normalize,
                                   catalogue_dir=args.catalogue_dir, profile=args.profile, factory=args.factory,
-                                  search=args.search, notes=f"built from {args.checkpoint}", image_root=args.data_dir)
+                                  search=args.search, notes=f"built from {args.checkpoint}", image_root=args.data_dir,
+                                  duplicates=duplicates)
         where = "bundled" if manifest["catalogue"]["bundled"] else f"outside, in {manifest['catalogue']['path']}"
         catalogue = read_manifest(catalogue_folder(out_dir, manifest))
         print(f"indexed {catalogue['count']} items ({catalogue['profile']}: {catalogue['factory']}, "

@@ -14,10 +14,11 @@ from urllib.parse import urlparse
 from serving.build_archive import main as build_archive
 from serving.torchserve import MODEL_STORE
 from training.build_index import EMBEDDINGS_FILE, embed_catalogue_to_file
+from training.calibration import DEFAULT_LISTINGS, TARGET_PRECISION, calibrate_model
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.distributed import Context, pick_device
 from training.photo_check import check_photos
-from training.publish import publish_bundle, write_bundle
+from training.publish import publish_bundle, weights_sha256, write_bundle
 from visual_search.bundle import CATALOGUE_DIR, MANIFEST_FILE, catalogue_folder, load_bundle
 from visual_search.catalogue.build import update_catalogue
 from visual_search.cli import HelpFormatter
@@ -250,6 +251,21 @@ def updated_in_place(args, source, out_dir, folder, new_catalogue, remove, new_i
                         runtime=source.manifest.get("runtime"), notes=notes, image_root=folder)
 
 
+def recalibrated(args, source, model, preprocess, embeddings, items, folder):
+    """The near-duplicate calibration for retrained weights, on the held-out photos the source catalogue was
+    calibrated on; None (and a warning) when it was not calibrated or those photos are gone."""
+    record = source.catalogue.manifest.get("duplicates") or {}
+    photos = record.get("photos") or {}
+    if not photos.get("list") or not Path(photos["list"]).is_file() or not Path(photos.get("data_dir", "")).is_dir():
+        print("warning: no near-duplicate calibration for the new weights: the source catalogue names no held-out "
+              "photos that are still there; requests with duplicates=true must then give duplicate_threshold")
+        return None
+    return calibrate_model(model, preprocess, source.normalize, pick_device(args.device), photos["list"],
+                           photos["data_dir"], embeddings, items, weights_sha256(model.cpu()),
+                           photos.get("listings", DEFAULT_LISTINGS), record.get("target_precision", TARGET_PRECISION),
+                           record.get("seed", 0), image_root=folder)
+
+
 def re_embedded(args, source, out_dir, folder, new_catalogue, remove, new_items, notes):
     """--checkpoint: every item (less the removed, plus the new) embedded with the retrained weights from the
     catalogue image folder, published as a fresh catalogue with the source's index profile."""
@@ -263,10 +279,12 @@ def re_embedded(args, source, out_dir, folder, new_catalogue, remove, new_items,
     path = embed_to_file(args, out_dir / EMBEDDINGS_FILE, model, folder, [local_image(it) for it in items],
                          categories, preprocess, source.normalize, out_dir)
     bundled = source.manifest["catalogue"].get("bundled")
+    duplicates = recalibrated(args, source, model, preprocess, path, [local_image(it) for it in items], folder)
     return publish_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess, items=items,
                           embeddings=path, normalize=source.normalize,
                           catalogue_dir=None if bundled else new_catalogue, **index_plan(source.catalogue.manifest),
-                          runtime=source.manifest.get("runtime"), notes=notes, image_root=folder)
+                          runtime=source.manifest.get("runtime"), notes=notes, image_root=folder,
+                          duplicates=duplicates)
 
 
 def update(args):

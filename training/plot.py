@@ -1,9 +1,14 @@
-"""The results picture: each query photo beside its nearest catalogue items, with categories and distances."""
+"""Pictures: each query photo beside its nearest catalogue items; near-duplicate groups, one row each; precision and
+recall of the near-duplicate threshold."""
+import io
+
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from visual_search.fileio import write_atomically  # noqa: E402
 from visual_search.images import open_image  # noqa: E402
 
 
@@ -30,3 +35,70 @@ def draw_results(rows, catalogue_root, out_path, title=""):
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def save(fig, out_path):
+    """Writes a figure as PNG once, atomically, and closes it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_atomically(out_path, buffer.getvalue())
+    return out_path
+
+
+def draw_precision_recall(labelled, record, out_path):
+    """Precision and recall against the distance threshold, overall and per alteration, with the operating point
+    (`labelled`: a training.calibration.LabelledSet; `record`: its calibration record)."""
+    from training.calibration import curve  # noqa: PLC0415
+
+    fig, (overall, each) = plt.subplots(1, 2, figsize=(12, 4.6))
+    thresholds, precision, recall = curve(labelled.distances, labelled.positive)
+    overall.plot(thresholds, precision, label="precision", color="tab:blue")
+    overall.plot(thresholds, recall, label="recall", color="tab:orange")
+    for name in record["alterations"]:
+        mine = labelled.positive & (labelled.alteration == name)
+        d = np.sort(labelled.distances[mine])
+        each.plot(d, np.arange(1, len(d) + 1) / len(d), label=name)
+    threshold = record["threshold"]
+    for ax in (overall, each):
+        if threshold is not None:
+            ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("threshold: squared L2 distance (log scale)")
+        ax.grid(alpha=0.3)
+    point = "none reaches it" if threshold is None else \
+        f"threshold {threshold:.4f}: precision {record['precision']:.3f}, recall {record['recall']:.3f}"
+    overall.set_title(f"all pairs; target precision {record['target_precision']}: {point}", fontsize=9)
+    overall.set_ylabel("precision, recall")
+    overall.legend(loc="lower left", fontsize=8)
+    each.set_title("recall per alteration", fontsize=9)
+    each.set_ylabel("recall")
+    each.legend(loc="upper left", fontsize=7, ncol=2)
+    fig.tight_layout()
+    return save(fig, out_path)
+
+
+def draw_groups(groups, catalogue_root, out_path, per_row=8, title=""):
+    """One row of photos per near-duplicate group: `groups` is [[(id, image reference, distance to the group's
+    first listing)]], largest first; photos that cannot be read are shown as blank panels."""
+    columns = max(2, min(per_row, max(len(group) for group in groups)))
+    fig, axes = plt.subplots(len(groups), columns, figsize=(1.6 * columns, 1.9 * len(groups)), squeeze=False)
+    for r, group in enumerate(groups):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c >= len(group):
+                continue
+            item_id, image, distance = group[c]
+            try:
+                ax.imshow(open_image(f"{catalogue_root}/{image}"))
+            except (OSError, ValueError):
+                ax.text(0.5, 0.5, "no image", ha="center", va="center", fontsize=7)
+            label = f"{item_id}\n" + ("first" if c == 0 else f"d={distance:.4f}")
+            ax.set_title(label, fontsize=6)
+        more = len(group) - columns
+        axes[r][0].set_title(f"group of {len(group)}" + (f" ({more} not shown)" if more > 0 else "") +
+                             f"\n{group[0][0]}\nfirst", fontsize=6)
+    fig.suptitle(title or "near-duplicate groups, largest first (d: distance to the group's first listing)",
+                 fontsize=9)
+    fig.tight_layout()
+    return save(fig, out_path)
