@@ -93,16 +93,20 @@ def stored_vectors(catalogue, ids):
 
 def collapse(vectors, threshold, k):
     """Positions of the rows to keep, nearest first: a row is kept when it lies farther than `threshold` from every
-    row kept before it, until k are kept."""
+    row kept before it, until k are kept. Each kept row rules out the later rows within the threshold of it (one
+    matrix-vector product per kept row, not all pairs)."""
     vectors = np.asarray(vectors, dtype=np.float32)
-    norms = (vectors ** 2).sum(axis=1)
-    distances = norms[:, None] + norms[None, :] - 2.0 * vectors @ vectors.T
+    norms = (vectors.astype(np.float64) ** 2).sum(axis=1)
+    open_rows = np.ones(len(vectors), dtype=bool)
     kept = []
     for position in range(len(vectors)):
+        if not open_rows[position]:
+            continue
+        kept.append(position)
         if len(kept) == k:
             break
-        if not kept or distances[position, kept].min() > threshold:
-            kept.append(position)
+        distances = norms + norms[position] - 2.0 * (vectors @ vectors[position]).astype(np.float64)
+        open_rows &= distances > threshold
     return kept
 
 
