@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.fixtures import CATEGORIES, product_photo
 from training.alterations import ALTERATIONS, altered_copies
-from training.calibration import curve, operating_point
+from training.calibration import MIN_COPIES, LabelledSet, curve, operating_point, record_of
 from training.duplicates import UnionFind, scan_catalogue
 from training.duplicates import main as scan_main
 from training.publish import write_bundle
@@ -190,6 +190,68 @@ def test_without_a_calibrated_threshold_the_request_must_give_one(planted, tmp_p
     failed = {"duplicates": {"threshold": None, "precision": 0.4, "target_precision": 0.99}}
     with pytest.raises(InputError, match=r"no threshold with precision 0.99 \(0.4 at best\)"):
         plan_of({"k": 4, "diverse": True}, None, failed)
+
+
+def test_each_listing_is_judged_by_its_own_category_s_threshold(planted, tmp_path):
+    by_category = {"bags": THRESHOLD, "phones": None, "shoes": 1e-9}  # phones: no threshold reaches the target
+    publish_catalogue(tmp_path / "c", planted["vectors"], items_for(len(planted["vectors"])),
+                      categories=list(CATEGORIES), progress=False,
+                      duplicates={"threshold": THRESHOLD, "by_category": by_category, "weights_sha256": "w" * 64})
+    catalogue = open_catalogue(tmp_path / "c")
+    try:
+        for group in planted["groups"]:
+            base = planted["vectors"][group[0]]
+            hits, extra = answer(catalogue, SearchRequest(k=4, vector=base), duplicates=True)
+            expected = [key for key in group if CATEGORIES[key % 3] == "bags" or
+                        (CATEGORIES[key % 3] == "shoes" and key == group[0])]
+            found = extra["duplicates"]["listings"]
+            assert sorted(int(n["id"][4:]) for n in found) == sorted(expected), group
+            assert {n["category"]: n["threshold"] for n in found}.items() <= {"bags": THRESHOLD,
+                                                                               "shoes": 1e-9}.items()
+            # a vector's own category is unknown here: the answer names the catalogue-wide threshold
+            assert extra["duplicates"]["per_category"] is True and extra["duplicates"]["threshold"] == THRESHOLD
+            kept, _ = answer(catalogue, SearchRequest(k=4, vector=base), diverse=True)
+            members = [int(n.id[4:]) for n in kept.neighbours if int(n.id[4:]) in group]
+            # a bag within its threshold of the kept base is left out, whatever the base's category; the others stay
+            assert sum(CATEGORIES[key % 3] == "bags" for key in members) == (CATEGORIES[group[0] % 3] == "bags")
+            others = [key for key in group if CATEGORIES[key % 3] != "bags" or key == group[0]]
+            assert len(members) == min(4, len(others))
+        scan = scan_catalogue(catalogue, THRESHOLD, by_category=by_category, progress=False)
+        assert all(CATEGORIES[key % 3] == "bags" for group in scan.groups for key, _ in group)
+        assert [[key for key, _ in group] for group in scan.groups] == sorted(
+            [[key for key in g if CATEGORIES[key % 3] == "bags"] for g in planted["groups"]
+             if sum(CATEGORIES[key % 3] == "bags" for key in g) > 1], key=len, reverse=True)
+    finally:
+        catalogue.close()
+
+
+def labelled(rows):
+    """A LabelledSet of (distance, positive, category) rows, every copy a JPEG one."""
+    distances, positive, categories = (np.array(column) for column in zip(*rows))
+    return LabelledSet(distances.astype(float), positive.astype(bool), np.full(len(rows), "jpeg"),
+                       np.where(positive.astype(bool), "copy", "nearest"), categories, listings=len(rows),
+                       identical_left_out=0)
+
+
+def test_thresholds_are_calibrated_per_category_of_the_listing_when_it_has_enough_copies():
+    n = MIN_COPIES
+    rows = [(0.001 * (i + 1) / n, True, "easy") for i in range(n)] + [(0.05 + i / 1e4, False, "easy") for i in range(n)]
+    rows += [(0.002, True, "hard")] * 500 + [(0.0001, False, "hard")] * 5 + [(0.01, False, "hard")] * n
+    rows += [(0.0005, True, "rare")] * 3 + [(0.3, False, "rare")] * 3
+    copies = n + 500 + 3
+    record = record_of(labelled(rows), "w" * 64)
+    assert record["by_category"] == {"easy": 0.001, "hard": 0.002}  # "rare" has too few copies of its own
+    assert record["categories"]["hard"] == {"copies": 500, "threshold": 0.002, "precision": round(500 / 505, 4),
+                                            "recall": 1.0}
+    assert record["categories"]["rare"] == {"copies": 3, "threshold": 0.0005, "precision": 1.0, "recall": 1.0}
+    assert record["catalogue_wide"] == {"threshold": 0.002, "precision": round(copies / (copies + 5), 4),
+                                        "recall": 1.0}
+    assert (record["precision"], record["recall"]) == (round(copies / (copies + 5), 4), 1.0)
+    assert record["alterations"]["jpeg"]["copies"] == copies and record["threshold"] == 0.002
+    strict = record_of(labelled(rows), "w" * 64, target=0.999)
+    assert strict["by_category"] == {"easy": 0.001, "hard": None}  # no threshold reaches 0.999 in "hard"
+    assert strict["threshold"] == pytest.approx(0.001 * 4 / n)  # catalogue-wide: before the hard negatives
+    assert (strict["precision"], strict["recall"]) == (1.0, round(n / copies, 4))  # rare copies lie beyond it
 
 
 # ---------------------------------------------------------------------------------------------- the scan

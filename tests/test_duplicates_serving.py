@@ -65,8 +65,15 @@ def originals(catalogue):
     return [it for it in catalogue.all_items() if not it.id.startswith("repost-")]
 
 
+def limit(record, category):
+    """The threshold the service applies to a listing of `category`."""
+    return record["by_category"].get(category, record["threshold"])
+
+
 def test_the_test_model_is_calibrated_and_recalls_the_alterations_used_here(record):
-    assert record["threshold"] is not None and record["precision"] >= record["target_precision"] == 0.99
+    assert record["precision"] >= record["target_precision"] == 0.99
+    assert set(record["by_category"]) == {"bags", "phones", "shoes"}  # 72 copies each: thresholds of their own
+    assert all(value is not None for value in record["by_category"].values())
     for name in ALTERED:
         assert record["alterations"][name]["recall"] >= 0.9, (name, record["alterations"][name])
 
@@ -80,10 +87,13 @@ def test_an_altered_copy_of_a_catalogue_photo_is_reported_as_a_near_duplicate_of
             assert response.status_code == 200, response.text
             answer = response.json()
             found = answer["duplicates"]
-            assert found["threshold"] == record["threshold"] and found["calibrated"] is True
+            assert found["threshold"] == limit(record, answer["category"]) and found["calibrated"] is True
             assert found["precision"] == record["precision"] and found["recall"] == record["recall"]
+            assert found["per_category"] is True
             assert item.id in listings(answer), (item.id, name, found)
-            assert all(n["distance"] <= record["threshold"] for n in found["listings"]) and found["more"] is False
+            for n in found["listings"]:
+                assert n["distance"] <= n["threshold"] == limit(record, n["category"])
+            assert found["more"] is False
             assert len(answer["neighbours"]) == 4 and answer["neighbours"][0]["id"] in listings(answer)
             reposts = {f"repost-{item.id}-{a}" for a in REPOSTED.get(item.id, ())}
             assert set(listings(answer)) == {item.id, *reposts}, (item.id, name, found)
@@ -104,7 +114,8 @@ def test_a_different_listing_of_the_same_category_is_not_a_near_duplicate(
         assert item.id not in listings(answer) and answer["listing"]["id"] == item.id  # the listing left out
         assert listings(answer) == [], (item.id, answer["duplicates"])
         assert {n["id"] for n in answer["neighbours"]} <= {it.id for it in others}
-        assert min(n["distance"] for n in answer["neighbours"]) > record["threshold"]
+        assert min(n["distance"] for n in answer["neighbours"]) > limit(record, item.category)
+        assert answer["duplicates"]["threshold"] == limit(record, item.category)  # the listing's category's
 
 
 def test_re_posted_listings_are_found_from_the_listing_they_copy(server):
@@ -149,7 +160,8 @@ def test_diverse_answers_collapse_re_posts_and_still_hold_k(server, catalogue, r
         keys = catalogue.items.keys_of(ids)
         vectors = catalogue.vectors.get([keys[i] for i in ids])
         distances = ((vectors[:, None, :] - vectors[None, :, :]) ** 2).sum(axis=-1)
-        assert (distances[~np.eye(k, dtype=bool)] > record["threshold"]).all(), ids
+        for later, neighbour in enumerate(diverse["neighbours"]):  # farther than its threshold from every earlier
+            assert (distances[later, :later] > limit(record, neighbour["category"])).all(), ids
         group = {listing, *(f"repost-{listing}-{a}" for a in REPOSTED[listing])}
         assert len(group & set(ids)) == 1
         assert len(group & {n["id"] for n in plain["neighbours"]}) == min(k, len(group))

@@ -1,8 +1,9 @@
-"""Calibrates the near-duplicate threshold of a model and catalogue on held-out photos: altered copies of each
+"""Calibrates the near-duplicate thresholds of a model and catalogue on held-out photos: altered copies of each
 listing's photo are the positives; a different listing of the same category and each copy's nearest non-copy
-listings are the negatives. Precision and recall against the threshold, overall and per alteration, and the operating
-point that publish records in the catalogue manifest. Run alone it writes the report: JSON, a table and the plot."""
+listings the negatives. Precision and recall against the threshold, per category of the listing and per alteration,
+and the operating points that publish records in the catalogue manifest. Run alone: JSON, tables and the plot."""
 import argparse
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from visual_search.runtime import Runtime
 TARGET_PRECISION = 0.99
 NEAREST_NEGATIVES = 10  # each copy's nearest listings that are not its own: what a duplicates answer could wrongly name
 SPARE = 5  # further neighbours kept, to refill after leaving out listings with a pixel-identical photo
+MIN_COPIES = 50  # copies of a category's listings needed for a threshold of its own (else the catalogue-wide one)
 DEFAULT_LISTINGS = 500
 CHUNK_ROWS = 4096
 
@@ -38,11 +40,12 @@ USAGE = """examples:
 @dataclass
 class LabelledSet:
     """Labelled pairs (an altered copy, a listing): distance, whether the listing is the copy's own, the copy's
-    alteration, and the kind of pair: "copy", "same-category" or "nearest"."""
+    alteration, the kind of pair ("copy", "same-category" or "nearest") and the listing's category."""
     distances: np.ndarray
     positive: np.ndarray
     alteration: np.ndarray
     kind: np.ndarray
+    category: np.ndarray
     listings: int
     identical_left_out: int  # listings whose photo is pixel for pixel the held-out listing's: duplicates already
 
@@ -51,8 +54,8 @@ class Reference:
     """The listings a copy's nearest non-copy neighbours are searched among, by chunks of (ids, unit vectors), and
     the image of an id under `root` (for the pixel-identical check; None: the held-out photos' folder)."""
 
-    def __init__(self, chunks, images, root=None):
-        self.chunks, self.images, self.root = chunks, images, root
+    def __init__(self, chunks, images, categories, root=None):
+        self.chunks, self.images, self.categories, self.root = chunks, images, categories, root
 
     @classmethod
     def from_embeddings(cls, embeddings, items, normalize=True, root=None):
@@ -67,17 +70,19 @@ class Reference:
                     yield [it.id for it in items[start:start + len(rows)]], l2_normalize(rows) if normalize else rows
             finally:
                 reader.close()
-        return cls(chunks, {it.id: it.image for it in items}, root)
+        return cls(chunks, {it.id: it.image for it in items}, {it.id: it.category for it in items}, root)
 
     @classmethod
     def from_catalogue(cls, catalogue, root=None):
         """A published catalogue's stored vectors."""
-        rows = {key: (item_id, image) for key, item_id, _, image in catalogue.items.iter_rows()}
+        rows = {key: (item_id, catalogue.categories[code], image)
+                for key, item_id, code, image in catalogue.items.iter_rows()}
 
         def chunks():
             for keys, vectors in catalogue.vectors.iter_keys(np.fromiter(rows, dtype=np.int64), CHUNK_ROWS):
                 yield [rows[int(key)][0] for key in keys], vectors
-        return cls(chunks, {item_id: image for item_id, image in rows.values()}, root)
+        return cls(chunks, {item_id: image for item_id, _, image in rows.values()},
+                   {item_id: category for item_id, category, _ in rows.values()}, root)
 
 
 @torch.inference_mode()
@@ -175,11 +180,13 @@ def labelled_set(runtime, data_dir, listings, reference, seed=0, batch_size=64, 
             pairs.setdefault((c, other), (float(d), "nearest"))
             kept += 1
     keys = list(pairs)
+    category_of = {**reference.categories, **{it.id: it.category for it in listings}}
     return LabelledSet(
         distances=np.array([pairs[k][0] for k in keys]),
         positive=np.array([pairs[k][1] == "copy" for k in keys]),
         alteration=np.array([alteration[c] for c, _ in keys]),
         kind=np.array([pairs[k][1] for k in keys]),
+        category=np.array([category_of[other] for _, other in keys]),
         listings=len(listings), identical_left_out=len(identical))
 
 
@@ -203,34 +210,72 @@ def operating_point(distances, positive, target=TARGET_PRECISION):
     return float(thresholds[best]), float(precision[best]), float(recall[best])
 
 
-def at_threshold(labelled, threshold):
-    """{alteration: copies, recall, precision, median and 90th percentile distance to the own listing}."""
+def significant(value):
+    """A threshold to 6 significant digits (they can be as small as 1e-5)."""
+    return float(f"{value:.6g}")
+
+
+def thresholds_by_category(labelled, target=TARGET_PRECISION):
+    """({category: operating point dict}, {category: threshold or None for those with MIN_COPIES copies}): pairs
+    grouped by the listing's category, as the service applies a listing's category's threshold to it."""
+    points, own = {}, {}
+    for category in sorted(set(labelled.category.tolist())):
+        mine = labelled.category == category
+        copies = int((mine & labelled.positive).sum())
+        threshold, precision, recall = operating_point(labelled.distances[mine], labelled.positive[mine], target)
+        points[category] = {"copies": copies, "threshold": None if threshold is None else significant(threshold),
+                            "precision": round(precision, 4), "recall": round(recall, 4)}
+        if copies >= MIN_COPIES:
+            own[category] = points[category]["threshold"]
+    return points, own
+
+
+def limits_of(labelled, by_category, threshold):
+    """Each pair's threshold under the service's rule: its listing's category's, else the catalogue-wide one (-1:
+    none, nothing matches)."""
+    fallback = -1.0 if threshold is None else threshold
+    return np.array([fallback if by_category.get(c, fallback) is None else by_category.get(c, fallback)
+                     for c in labelled.category.tolist()])
+
+
+def scores(matched, positive):
+    tp, fp = int((matched & positive).sum()), int((matched & ~positive).sum())
+    return (round(tp / (tp + fp), 4) if tp + fp else None), round(tp / max(1, int(positive.sum())), 4)
+
+
+def per_alteration(labelled, limits):
+    """{alteration: copies, recall and precision under `limits`, median and 90th percentile copy distance}."""
     out = {}
     for name in ALTERATIONS:
         mine = labelled.alteration == name
         if not mine.any():
             continue
         pos, d = labelled.positive[mine], labelled.distances[mine]
-        matched = d <= threshold if threshold is not None else np.zeros(len(d), dtype=bool)
-        tp, fp = int((matched & pos).sum()), int((matched & ~pos).sum())
-        out[name] = {"copies": int(pos.sum()), "recall": round(tp / max(1, int(pos.sum())), 4),
-                     "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+        precision, recall = scores(d <= limits[mine], pos)
+        out[name] = {"copies": int(pos.sum()), "recall": recall, "precision": precision,
                      "median_distance": round(float(np.median(d[pos])), 6),
                      "p90_distance": round(float(np.quantile(d[pos], 0.9)), 6)}
     return out
 
 
 def record_of(labelled, weights_sha256, target=TARGET_PRECISION, photos=None, seed=0):
-    """What a catalogue manifest records: the operating point, what it was measured on, per alteration."""
-    threshold, precision, recall = operating_point(labelled.distances, labelled.positive, target)
+    """What a catalogue manifest records: the thresholds (per category, and catalogue-wide for the others), the
+    precision and recall they give together, per category and per alteration, and what they were measured on."""
+    threshold, wide_precision, wide_recall = operating_point(labelled.distances, labelled.positive, target)
+    threshold = None if threshold is None else significant(threshold)
+    points, by_category = thresholds_by_category(labelled, target)
+    limits = limits_of(labelled, by_category, threshold)
+    precision, recall = scores(labelled.distances <= limits, labelled.positive)
     kinds = {kind: int((labelled.kind == kind).sum()) for kind in ("copy", "same-category", "nearest")}
     return {
-        "threshold": None if threshold is None else round(threshold, 6),
-        "precision": round(precision, 4), "recall": round(recall, 4), "target_precision": target,
+        "threshold": threshold, "by_category": by_category,
+        "precision": precision if precision is not None else round(wide_precision, 4), "recall": recall,
+        "target_precision": target, "catalogue_wide": {"threshold": threshold, "precision": round(wide_precision, 4),
+                                                       "recall": round(wide_recall, 4)},
         "weights_sha256": weights_sha256, "calibrated": utc_now(), "metric": "squared L2",
         "listings": labelled.listings, "pairs": kinds, "nearest_negatives": NEAREST_NEGATIVES,
-        "identical_photos_left_out": labelled.identical_left_out,
-        "alterations": at_threshold(labelled, threshold), "photos": photos, "seed": seed,
+        "min_copies_per_category": MIN_COPIES, "identical_photos_left_out": labelled.identical_left_out,
+        "categories": points, "alterations": per_alteration(labelled, limits), "photos": photos, "seed": seed,
     }
 
 
@@ -250,9 +295,9 @@ def calibrate(runtime, data_dir, photos_csv, reference, weights_sha256, listings
               "listings": listings}
     record = record_of(labelled, weights_sha256, target, photos, seed)
     if progress:
-        print(f"calibration: threshold {record['threshold']} at precision {record['precision']}, recall "
-              f"{record['recall']} ({record['pairs']['copy']} copies, {sum(record['pairs'].values())} pairs)",
-              flush=True)
+        print(f"calibration: thresholds {record['by_category']} (catalogue-wide {record['threshold']}): precision "
+              f"{record['precision']}, recall {record['recall']} ({record['pairs']['copy']} copies, "
+              f"{sum(record['pairs'].values())} pairs)", flush=True)
     return record, labelled
 
 
@@ -268,15 +313,34 @@ def calibrate_model(model, preprocess, normalize, device, photos_csv, data_dir, 
 
 
 def table(record):
-    """The per-alteration table in markdown."""
+    """The per-alteration and per-category tables in markdown."""
+    def number(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
     lines = ["| alteration | copies | recall | precision | median distance | 90th percentile |",
              "|---|---|---|---|---|---|"]
     for name, row in record["alterations"].items():
-        precision = "-" if row["precision"] is None else f"{row['precision']:.3f}"
-        lines.append(f"| {name} | {row['copies']} | {row['recall']:.3f} | {precision} | {row['median_distance']:.4f} "
-                     f"| {row['p90_distance']:.4f} |")
-    lines.append(f"| **all** | {record['pairs']['copy']} | {record['recall']:.3f} | {record['precision']:.3f} | | |")
+        lines.append(f"| {name} | {row['copies']} | {row['recall']:.3f} | {number(row['precision'])} | "
+                     f"{row['median_distance']:.4f} | {row['p90_distance']:.4f} |")
+    lines.append(f"| **all** | {record['pairs']['copy']} | {record['recall']:.3f} | {number(record['precision'])} | "
+                 f"| |")
+    lines += ["", "| category of the listing | copies | threshold | recall | precision | used |",
+              "|---|---|---|---|---|---|"]
+    for name, row in record["categories"].items():
+        used = "its own" if name in record["by_category"] else "catalogue-wide"
+        lines.append(f"| {name} | {row['copies']} | {number(row['threshold'], 5)} | {row['recall']:.3f} | "
+                     f"{row['precision']:.3f} | {used} |")
+    wide = record["catalogue_wide"]
+    lines.append(f"| **catalogue-wide** | {record['pairs']['copy']} | {number(wide['threshold'], 5)} | "
+                 f"{wide['recall']:.3f} | {wide['precision']:.3f} | |")
     return "\n".join(lines) + "\n"
+
+
+def labelled_npz(labelled):
+    """The labelled pairs as .npz bytes (plain arrays, readable without pickle), to recompute the report from."""
+    buffer = io.BytesIO()
+    np.savez(buffer, distances=labelled.distances, positive=labelled.positive, alteration=labelled.alteration,
+             kind=labelled.kind, category=labelled.category)
+    return buffer.getvalue()
 
 
 def get_args(argv=None):
@@ -286,7 +350,8 @@ def get_args(argv=None):
     p.add_argument("--photos", required=True, help="CSV of held-out photos, not in the catalogue (a run's val.csv)")
     p.add_argument("--listings", type=int, default=0, help="held-out photos to use (0: all of them)")
     p.add_argument("--target-precision", type=float, default=TARGET_PRECISION)
-    p.add_argument("--out", required=True, help="report folder: calibration.json, table.md, precision_recall.png")
+    p.add_argument("--out", required=True, help="report folder: calibration.json, table.md, precision_recall.png, "
+                                                "labelled.npz")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -315,6 +380,7 @@ def main(argv=None):
         write_atomically(tmp / "calibration.json", json.dumps(report, indent=1) + "\n")
         write_atomically(tmp / "table.md", table(record))
         draw_precision_recall(labelled, record, tmp / "precision_recall.png")
+        write_atomically(tmp / "labelled.npz", labelled_npz(labelled))
     print(table(record))
     print(f"wrote {out / 'calibration.json'}, {out / 'table.md'}, {out / 'precision_recall.png'}")
 

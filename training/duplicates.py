@@ -1,7 +1,7 @@
 """Near-duplicate groups across a catalogue folder: one k-NN pass over its index with the stored vectors as queries,
 in batches (the index's distances shortlist, exact distances from the stored vectors decide), union-find over the
-pairs within the threshold. Writes groups.csv (group, id, distance to the group's first listing), summary.json and
-a picture of the largest groups. docs/duplicates.md has the threshold and the measured times."""
+pairs within the threshold (the lower of the two listings' categories' thresholds). Writes groups.csv (group, id,
+distance to the group's first listing), summary.json and groups.png. docs/duplicates.md: thresholds and timings."""
 import argparse
 import csv
 import io
@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from visual_search.catalogue import open_catalogue
-from visual_search.catalogue.filters import set_keys
+from visual_search.catalogue.filters import codes_from_bitmaps, set_keys
 from visual_search.catalogue.index import ivf_of, search_parameters
 from visual_search.cli import HelpFormatter
 from visual_search.errors import VisualSearchError
@@ -67,7 +67,7 @@ class UnionFind:
 class Scan:
     """The near-duplicate groups of a catalogue: [[(key, distance to the group's first key)]], largest first."""
     groups: list
-    threshold: float
+    threshold: float  # for categories without their own
     items: int
     neighbours: int
     nprobe: int = None
@@ -75,6 +75,7 @@ class Scan:
     pairs: int = 0  # pairs within the threshold
     checked: int = 0  # shortlisted pairs whose exact distance was computed
     seconds: dict = field(default_factory=dict)
+    by_category: dict = field(default_factory=dict)
 
 
 def shortlist_params(catalogue, nprobe):
@@ -105,15 +106,28 @@ def shortlist_margin(catalogue, keys, neighbours, params, threshold, seed=0):
     return float(max(0.0, max(excess, default=0.0)))
 
 
-def scan_catalogue(catalogue, threshold, neighbours=NEIGHBOURS, nprobe=None, batch_rows=BATCH_ROWS, progress=True):
+def key_limits(catalogue, threshold, by_category):
+    """float32 per key: the threshold of the key's category (its own, else `threshold`; -1 for none)."""
+    per_code = np.array([by_category.get(name, threshold) for name in catalogue.categories], dtype=object)
+    per_code = np.array([-1.0 if value is None else float(value) for value in per_code], dtype=np.float32)
+    codes = codes_from_bitmaps(catalogue.bitmaps, catalogue.manifest["key_space"])
+    return np.where(codes >= 0, per_code[np.maximum(codes, 0)], -1.0).astype(np.float32)
+
+
+def scan_catalogue(catalogue, threshold, neighbours=NEIGHBOURS, nprobe=None, batch_rows=BATCH_ROWS, progress=True,
+                   by_category=None):
     """The Scan of an open catalogue: every listing's `neighbours` nearest through the index, batched; pairs whose
-    index distance is within the threshold plus the shortlist margin get their exact distance; union-find joins
-    the pairs within `threshold`."""
+    index distance is within the largest threshold plus the shortlist margin get their exact distance; union-find
+    joins the pairs within the lower threshold of their two listings' categories (`by_category`, else
+    `threshold`)."""
     started = time.perf_counter()
+    by_category = dict(by_category or {})
     keys = set_keys(catalogue.alive())
+    limits = key_limits(catalogue, threshold, by_category)
+    widest = float(limits.max(initial=-1.0))
     params, keep, nprobe = shortlist_params(catalogue, nprobe)
-    margin = shortlist_margin(catalogue, keys, neighbours, params, threshold)
-    loose = threshold + 2 * margin
+    margin = shortlist_margin(catalogue, keys, neighbours, params, max(widest, 0.0))
+    loose = widest + 2 * margin
     sets, pairs, checked, searching = UnionFind(), 0, 0, 0.0
     with tqdm(total=len(keys), desc="near-duplicate scan", unit="rows", unit_scale=True, disable=not progress) as bar:
         for part, vectors in catalogue.vectors.iter_keys(keys, batch_rows):
@@ -126,7 +140,8 @@ def scan_catalogue(catalogue, threshold, neighbours=NEIGHBOURS, nprobe=None, bat
                 pair_keys = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1), axis=0)
                 exact = exact_distances(catalogue, pair_keys, part, vectors)
                 checked += len(pair_keys)
-                for x, y in pair_keys[exact <= threshold]:
+                within = exact <= np.minimum(limits[pair_keys[:, 0]], limits[pair_keys[:, 1]])
+                for x, y in pair_keys[within]:
                     sets.union(int(x), int(y))
                     pairs += 1
             bar.update(len(part))
@@ -141,7 +156,7 @@ def scan_catalogue(catalogue, threshold, neighbours=NEIGHBOURS, nprobe=None, bat
     groups.sort(key=lambda group: (-len(group), group[0][0]))
     seconds = {"search": searching, "groups": time.perf_counter() - begun, "total": time.perf_counter() - started}
     return Scan(groups, threshold, len(keys), neighbours, nprobe, margin, pairs, checked,
-                {name: round(value, 2) for name, value in seconds.items()})
+                {name: round(value, 2) for name, value in seconds.items()}, by_category)
 
 
 def exact_distances(catalogue, pair_keys, part, vectors):
@@ -173,20 +188,22 @@ def groups_csv(catalogue, scan):
 def summary(catalogue, scan, source):
     sizes = [len(group) for group in scan.groups]
     return {"catalogue": str(catalogue.folder), "catalogue_uid": catalogue.uid, "items": scan.items,
-            "threshold": scan.threshold, "threshold_from": source, "neighbours": scan.neighbours,
+            "threshold": scan.threshold, "by_category": scan.by_category, "threshold_from": source,
+            "neighbours": scan.neighbours,
             "nprobe": scan.nprobe, "shortlist_margin": round(scan.margin, 6), "pairs_within": scan.pairs,
             "pairs_checked": scan.checked, "groups": len(sizes), "listings_in_groups": sum(sizes),
             "largest_groups": sizes[:10], "seconds": scan.seconds, "faiss_threads": faiss.omp_get_max_threads()}
 
 
 def threshold_of(catalogue, given):
-    """(threshold, where it came from): --threshold, else the one calibrated with the catalogue."""
+    """(threshold, {category: threshold}, where they came from): --threshold for every category, else the ones
+    calibrated with the catalogue."""
     if given is not None:
-        return float(given), "--threshold"
-    recorded = (catalogue.manifest.get("duplicates") or {}).get("threshold")
-    if recorded is None:
+        return float(given), {}, "--threshold"
+    record = catalogue.manifest.get("duplicates") or {}
+    if record.get("threshold") is None and not any(v is not None for v in (record.get("by_category") or {}).values()):
         raise VisualSearchError(f"{catalogue.folder} records no calibrated near-duplicate threshold: pass --threshold")
-    return float(recorded), "calibrated"
+    return record.get("threshold"), dict(record.get("by_category") or {}), "calibrated"
 
 
 def get_args(argv=None):
@@ -211,12 +228,13 @@ def run(args):
         raise FileExistsError(f"{out} exists: a scan's folder is written once; choose a new --out")
     catalogue = open_catalogue(args.catalogue)
     try:
-        threshold, source = threshold_of(catalogue, args.threshold)
+        threshold, by_category, source = threshold_of(catalogue, args.threshold)
         ivf = ivf_of(catalogue.index)
         print(f"scanning {catalogue.count} listings of {catalogue.folder} ({catalogue.manifest['factory']}"
-              f"{f', {ivf.nlist} lists' if ivf is not None else ''}) for pairs within {threshold} ({source})",
-              flush=True)
-        scan = scan_catalogue(catalogue, threshold, args.neighbours, args.nprobe, args.batch_rows)
+              f"{f', {ivf.nlist} lists' if ivf is not None else ''}) for pairs within {by_category or threshold} "
+              f"({source}{f'; {threshold} for the other categories' if by_category else ''})", flush=True)
+        scan = scan_catalogue(catalogue, threshold, args.neighbours, args.nprobe, args.batch_rows,
+                              by_category=by_category)
         report = summary(catalogue, scan, source)
         with staging_folder(out) as tmp:
             write_atomically(tmp / "groups.csv", groups_csv(catalogue, scan))
@@ -227,8 +245,8 @@ def run(args):
                 shown = scan.groups[:args.groups]
                 rows = catalogue.items.rows_of([key for group in shown for key, _ in group])
                 draw_groups([[(rows[key][0], rows[key][2], d) for key, d in group] for group in shown], args.images,
-                            tmp / "groups.png", title=f"{len(scan.groups)} near-duplicate groups within {threshold} "
-                                                      f"in {catalogue.count} listings; the {len(shown)} largest")
+                            tmp / "groups.png", title=f"{len(scan.groups)} near-duplicate groups in {catalogue.count} "
+                                                      f"listings ({source} thresholds); the {len(shown)} largest")
     finally:
         catalogue.close()
     print(f"{report['groups']} groups, {report['listings_in_groups']} listings in groups (largest: "

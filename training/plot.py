@@ -47,33 +47,52 @@ def save(fig, out_path):
 
 
 def draw_precision_recall(labelled, record, out_path):
-    """Precision and recall against the distance threshold, overall and per alteration, with the operating point
-    (`labelled`: a training.calibration.LabelledSet; `record`: its calibration record)."""
+    """Precision and recall against the distance threshold: over all pairs, per category of the listing (its
+    precision-recall curve and operating point) and per alteration, with the operating points (`labelled`: a
+    training.calibration.LabelledSet; `record`: its calibration record)."""
     from training.calibration import curve  # noqa: PLC0415
 
-    fig, (overall, each) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (overall, categories, each) = plt.subplots(1, 3, figsize=(17, 4.8))
     thresholds, precision, recall = curve(labelled.distances, labelled.positive)
     overall.plot(thresholds, precision, label="precision", color="tab:blue")
     overall.plot(thresholds, recall, label="recall", color="tab:orange")
+    wide = record["catalogue_wide"]
+    if wide["threshold"] is not None:
+        overall.axvline(wide["threshold"], color="black", linestyle="--", linewidth=1)
+    overall.set_title(f"all pairs, one threshold: {wide['threshold']} gives precision {wide['precision']:.3f}, "
+                      f"recall {wide['recall']:.3f}", fontsize=8)
+    overall.set_ylabel("precision, recall")
+    overall.legend(loc="center left", fontsize=8)
+    for name, point in record["categories"].items():
+        mine = labelled.category == name
+        _, p, r = curve(labelled.distances[mine], labelled.positive[mine])
+        line, = categories.plot(r, p, linewidth=1, label=name)
+        if point["threshold"] is not None:
+            categories.plot([point["recall"]], [point["precision"]], "o", color=line.get_color(), markersize=4)
+    categories.axhline(record["target_precision"], color="grey", linestyle=":", linewidth=1)
+    categories.plot([record["recall"]], [record["precision"] or 0], "k*", markersize=10,
+                    label=f"per-category thresholds: P {record['precision']}, R {record['recall']}")
+    categories.set_xlabel("recall")
+    categories.set_ylabel("precision")
+    categories.set_ylim(0, 1.02)
+    categories.set_title(f"per category of the listing; dots: thresholds at precision >= "
+                         f"{record['target_precision']}", fontsize=8)
+    categories.legend(loc="lower left", fontsize=6, ncol=2)
     for name in record["alterations"]:
         mine = labelled.positive & (labelled.alteration == name)
         d = np.sort(labelled.distances[mine])
-        each.plot(d, np.arange(1, len(d) + 1) / len(d), label=name)
-    threshold = record["threshold"]
+        each.plot(d, np.arange(1, len(d) + 1) / len(d), label=f"{name}: {record['alterations'][name]['recall']:.2f}")
+    own = [t for t in record["by_category"].values() if t is not None]
+    if own:
+        each.axvspan(min(own), max(own), color="grey", alpha=0.2, label="per-category thresholds")
+    each.set_title("share of copies within a threshold, per alteration (recall at the operating points)", fontsize=8)
+    each.set_ylabel("copies within")
+    each.legend(loc="upper left", fontsize=6)
     for ax in (overall, each):
-        if threshold is not None:
-            ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
         ax.set_xscale("log")
         ax.set_xlabel("threshold: squared L2 distance (log scale)")
+    for ax in (overall, categories, each):
         ax.grid(alpha=0.3)
-    point = "none reaches it" if threshold is None else \
-        f"threshold {threshold:.4f}: precision {record['precision']:.3f}, recall {record['recall']:.3f}"
-    overall.set_title(f"all pairs; target precision {record['target_precision']}: {point}", fontsize=9)
-    overall.set_ylabel("precision, recall")
-    overall.legend(loc="lower left", fontsize=8)
-    each.set_title("recall per alteration", fontsize=9)
-    each.set_ylabel("recall")
-    each.legend(loc="upper left", fontsize=7, ncol=2)
     fig.tight_layout()
     return save(fig, out_path)
 

@@ -127,8 +127,10 @@ class SearchService:
         for i, query in enumerate(prepared.queries):
             if query is None or query.output != "similar" or inferred.found[i] is not None:
                 continue
+            photo = prepared.photo_rows.get(i)
+            predicted = None if photo is None else str(self.categories[inferred.probabilities[photo].argmax()])
             try:
-                plan = plan_of(query.params, self.duplicate_threshold, self.catalogue.manifest)
+                plan = plan_of(query.params, self.duplicate_threshold, self.catalogue.manifest, predicted)
             except InputError as error:
                 inferred.found[i] = error
                 continue
@@ -207,6 +209,7 @@ class SearchService:
                               "bundled": manifest["catalogue"].get("bundled", False)},
                 "embedding_dim": manifest["embedding_dim"],
                 "preprocess": manifest["preprocess"], "runtime": self.runtime.settings.to_dict(),
-                "duplicate_threshold": self.duplicate_threshold and self.duplicate_threshold.to_dict(),
+                "duplicate_threshold": self.duplicate_threshold and {
+                    **self.duplicate_threshold.to_dict(), "by_category": self.duplicate_threshold.by_category},
                 "default_k": self.limits.default_k, "max_k": self.limits.max_k, "threads": self.cores.threads,
                 "workers_on_host": self.cores.workers, "pid": os.getpid()}
