@@ -187,6 +187,10 @@ def test_without_a_calibrated_threshold_the_request_must_give_one(planted, tmp_p
     assert calibrated_threshold(other, "b" * 64) is None  # calibrated for other weights: not used
     with pytest.raises(InputError, match="calibrated for other weights"):
         plan_of({"k": 4, "duplicates": True}, None, other)
+    per_category = {"duplicates": {"threshold": None, "by_category": {"bags": 0.1}, "weights_sha256": "a" * 64}}
+    assert calibrated_threshold(per_category, "a" * 64).of("bags") == 0.1
+    with pytest.raises(InputError, match="calibrated for other weights"):
+        plan_of({"k": 4, "duplicates": True}, calibrated_threshold(per_category, "b" * 64), per_category)
     failed = {"duplicates": {"threshold": None, "precision": 0.4, "target_precision": 0.99}}
     with pytest.raises(InputError, match=r"no threshold with precision 0.99 \(0.4 at best\)"):
         plan_of({"k": 4, "diverse": True}, None, failed)

@@ -316,6 +316,9 @@ def table(record):
     """The per-alteration and per-category tables in markdown."""
     def number(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
+
+    def threshold_text(value):
+        return "-" if value is None else f"{value:.3g}"
     lines = ["| alteration | copies | recall | precision | median distance | 90th percentile |",
              "|---|---|---|---|---|---|"]
     for name, row in record["alterations"].items():
@@ -327,10 +330,10 @@ def table(record):
               "|---|---|---|---|---|---|"]
     for name, row in record["categories"].items():
         used = "its own" if name in record["by_category"] else "catalogue-wide"
-        lines.append(f"| {name} | {row['copies']} | {number(row['threshold'], 5)} | {row['recall']:.3f} | "
+        lines.append(f"| {name} | {row['copies']} | {threshold_text(row['threshold'])} | {row['recall']:.3f} | "
                      f"{row['precision']:.3f} | {used} |")
     wide = record["catalogue_wide"]
-    lines.append(f"| **catalogue-wide** | {record['pairs']['copy']} | {number(wide['threshold'], 5)} | "
+    lines.append(f"| **catalogue-wide** | {record['pairs']['copy']} | {threshold_text(wide['threshold'])} | "
                  f"{wide['recall']:.3f} | {wide['precision']:.3f} | |")
     return "\n".join(lines) + "\n"
 

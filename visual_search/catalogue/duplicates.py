@@ -60,7 +60,7 @@ def calibrated_threshold(manifest, weights_sha256):
 def no_threshold(manifest):
     """The 409 for a near-duplicate request to a catalogue without a threshold for this model."""
     record = manifest.get("duplicates") or {}
-    if record.get("threshold") is not None:
+    if record.get("threshold") is not None or any(v is not None for v in (record.get("by_category") or {}).values()):
         why = "near-duplicate threshold was calibrated for other weights"
     elif record:
         why = (f"near-duplicate calibration found no threshold with precision {record.get('target_precision')} "
