@@ -101,7 +101,7 @@ def draw_groups(groups, catalogue_root, out_path, per_row=8, title=""):
     """One row of photos per near-duplicate group: `groups` is [[(id, image reference, distance to the group's
     first listing)]], largest first; photos that cannot be read are shown as blank panels."""
     columns = max(2, min(per_row, max(len(group) for group in groups)))
-    fig, axes = plt.subplots(len(groups), columns, figsize=(1.6 * columns, 1.9 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), columns, figsize=(1.6 * columns, 2.1 * len(groups) + 0.5), squeeze=False)
     for r, group in enumerate(groups):
         for c, ax in enumerate(axes[r]):
             ax.axis("off")
@@ -119,5 +119,5 @@ def draw_groups(groups, catalogue_root, out_path, per_row=8, title=""):
                              f"\n{group[0][0]}\nfirst", fontsize=6)
     fig.suptitle(title or "near-duplicate groups, largest first (d: distance to the group's first listing)",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # half an inch kept for the title
     return save(fig, out_path)
