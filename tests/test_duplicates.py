@@ -20,8 +20,11 @@ from visual_search.catalogue import SearchRequest, open_catalogue, publish_catal
 from visual_search.catalogue.duplicates import (
     FIRST_DEPTH,
     MAX_DUPLICATES,
+    Plan,
     Threshold,
     calibrated_threshold,
+    collapse,
+    diverse_positions,
     finish,
     plan_of,
 )
@@ -118,6 +121,20 @@ def test_a_group_larger_than_the_first_search_is_collapsed_by_searching_deeper(p
         hits, extra = answer(catalogue, SearchRequest(k=4, vector=planted["vectors"][group[0]]), diverse=True)
         assert len(hits.neighbours) == 4 and extra["diverse"]["collapsed"] == len(group) - 1
         assert sum(int(n.id[4:]) in group for n in hits.neighbours) == 1
+    finally:
+        catalogue.close()
+
+
+def test_a_diverse_answer_reads_the_neighbours_by_prefixes_and_keeps_what_the_whole_list_would(planted):
+    catalogue = open_catalogue(planted["folders"]["flat"])
+    try:
+        group = planted["groups"][-1]  # 40 near-duplicates around the query: prefixes of 16 and 64 are needed
+        hits = catalogue.answer([SearchRequest(k=256, vector=planted["vectors"][group[0]])])[0]
+        for k in (1, 4, 10):
+            plan = Plan(k, Threshold(THRESHOLD, False), diverse=True)
+            whole = collapse(stored(catalogue, hits), THRESHOLD, k)
+            assert diverse_positions(catalogue, hits.neighbours, plan) == whole and len(whole) == k
+        assert diverse_positions(catalogue, hits.neighbours[:3], Plan(4, Threshold(THRESHOLD, False))) == [0]
     finally:
         catalogue.close()
 

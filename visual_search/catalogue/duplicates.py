@@ -131,6 +131,21 @@ def collapse(vectors, thresholds, k):
     return kept
 
 
+def diverse_positions(catalogue, neighbours, plan):
+    """collapse() over the neighbours, reading the stored vectors of a prefix at a time (4k, then 4x longer) until
+    k are kept: the rows kept in a prefix are those kept in the whole list, as each depends only on earlier rows."""
+    size = plan.k * DIVERSE_DEPTH
+    while True:
+        prefix = neighbours[:size]
+        if not prefix:
+            return []
+        limits = np.array([plan.threshold.limit(n.category) for n in prefix])
+        kept = collapse(stored_vectors(catalogue, [n.id for n in prefix]), limits, plan.k)
+        if len(kept) == plan.k or size >= len(neighbours):
+            return kept
+        size *= WIDEN
+
+
 def _within(hits, threshold):
     return [n for n in hits.neighbours if n.distance <= threshold.limit(n.category)]
 
@@ -173,9 +188,7 @@ def finish(catalogue, requests, results, plans):
         for i in pending:
             hits, plan = results[i], plans[i]
             if plan.diverse:
-                ids = [n.id for n in hits.neighbours]
-                limits = np.array([plan.threshold.limit(n.category) for n in hits.neighbours])
-                kept[i] = collapse(stored_vectors(catalogue, ids), limits, plan.k) if ids else []
+                kept[i] = diverse_positions(catalogue, hits.neighbours, plan)
             depth = _next_depth(plan, hits, depths[i], kept.get(i, ()))
             if depth is not None:
                 deeper[i] = depth
