@@ -46,7 +46,7 @@ def get_args(argv=None):
                                                            "instead, e.g. a bundle's embeddings.npy")
     p.add_argument("--real-items", default=None, help="their items CSV, in the same order")
     p.add_argument("--out", default="results/duplicate_scan")
-    p.add_argument("--keep", action="store_true", help="keep the catalogue folder (10 GB at 1M items)")
+    p.add_argument("--keep", action="store_true", help="keep the catalogue folder (its stored vectors and index)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

@@ -211,7 +211,7 @@ def operating_point(distances, positive, target=TARGET_PRECISION):
 
 
 def significant(value):
-    """A threshold to 6 significant digits (they can be as small as 1e-5)."""
+    """A threshold to 6 significant digits (a fixed number of decimals would round small ones to zero)."""
     return float(f"{value:.6g}")
 
 
