@@ -1,12 +1,24 @@
-"""Session fixtures: one tiny trained model, its bundle, its archive and a real TorchServe serving it."""
+"""Session fixtures: one tiny trained model, its bundle, its archive and a real TorchServe serving it; a bundle
+whose near-duplicate threshold is calibrated."""
 import json
+import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from serving.build_archive import main as build_archive
-from tests.fixtures import IMAGE_SIZE, running_torchserve, write_photo_folder
+from tests.fixtures import CATEGORIES, IMAGE_SIZE, running_torchserve, write_photo_folder
+from tests.harness import smooth_model
+from training.alterations import altered_copies
 from training.build_index import main as build_index
+from training.calibration import calibrate_model, embed_uploads
+from training.publish import publish_bundle, weights_sha256
 from training.train import main as train
+from visual_search.items import scan_folder, write_csv
+from visual_search.model import TrainedModel
+from visual_search.preprocessing import PreprocessSettings
+from visual_search.runtime import Runtime
 
 MODEL_NAME = "tiny-search"
 
@@ -50,3 +62,49 @@ def torchserve(model_store, tmp_path_factory):
 @pytest.fixture(scope="session")
 def manifest(bundle_dir):
     return json.loads((bundle_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def held_out_dir(tmp_path_factory):
+    """Photos of the same categories that no catalogue holds (ids held-...), and their list, held-out.csv."""
+    root = tmp_path_factory.mktemp("held-out")
+    photos = write_photo_folder(root / "photos", seed=5000, prefix="held-")
+    write_csv(scan_folder(photos), root / "held-out.csv")
+    return photos
+
+
+REPOSTED = {"bags-01": ("resize", "watermark"), "shoes-02": ("watermark",)}  # listed again, altered
+
+
+@pytest.fixture(scope="session")
+def duplicates_catalogue_photos(photo_dir, tmp_path_factory):
+    """The photo folder's 24 listings, and re-posts of some of them: altered copies listed under new ids
+    (repost-<listing>-<alteration>), in a catalogue image folder of their own."""
+    root = tmp_path_factory.mktemp("catalogue-photos") / "photos"
+    shutil.copytree(photo_dir, root)
+    for listing, alterations in REPOSTED.items():
+        path = next(root.glob(f"*/{listing}.*"))
+        with Image.open(path) as image:
+            for name, data, _ in altered_copies(image.copy(), np.random.default_rng(1), alterations):
+                (path.parent / f"repost-{listing}-{name}.png").write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="session")
+def calibrated_bundle_dir(duplicates_catalogue_photos, held_out_dir, tmp_path_factory):
+    """A bundle whose catalogue (duplicates_catalogue_photos) records a near-duplicate threshold, calibrated on
+    the held-out photos. Its model is tests.harness.smooth_model: the 2-epoch tiny model's embeddings all lie
+    within 1e-7 of each other, which no threshold can separate."""
+    out = tmp_path_factory.mktemp("calibrated") / "bundle"
+    root = duplicates_catalogue_photos
+    preprocess = PreprocessSettings(image_size=IMAGE_SIZE)
+    items = scan_folder(root)
+    photos = [(root / it.image).read_bytes() for it in items]
+    model = smooth_model(preprocess, photos)
+    embeddings = embed_uploads(Runtime(TrainedModel(model, preprocess)), photos)
+    duplicates = calibrate_model(model, preprocess, True, "cpu", held_out_dir.parent / "held-out.csv", held_out_dir,
+                                 embeddings, items, weights_sha256(model), listings=0, image_root=root)
+    publish_bundle(out, model=model, categories=CATEGORIES, preprocess=preprocess, items=items,
+                   embeddings=embeddings, normalize=True, image_root=root, duplicates=duplicates,
+                   notes="near-duplicate tests", progress=False)
+    return out

@@ -8,16 +8,16 @@ from serving.torchserve import ADDRESS_KEYS, TorchServe, free_port
 IMAGE_SIZE = 32  # the tests' model input; the service default is 225
 
 
-def write_photo_folder(root, per_category=8):
-    """root/<category>/<category>-NN.{png,jpg}: a user's folder of photos, mixed formats and modes."""
+def write_photo_folder(root, per_category=8, seed=0, prefix=""):
+    """root/<category>/<prefix><category>-NN.{png,jpg}: a user's folder of photos, mixed formats and modes."""
     root = Path(root)
     for c, category in enumerate(CATEGORIES):
         (root / category).mkdir(parents=True, exist_ok=True)
         for i in range(per_category):
             mode = "L" if i % 4 == 3 else "RGB"
-            image = product_photo(category, seed=100 * c + i, mode=mode)
+            image = product_photo(category, seed=seed + 100 * c + i, mode=mode)
             suffix, fmt = (".jpg", "JPEG") if i % 2 else (".png", "PNG")
-            (root / category / f"{category}-{i:02d}{suffix}").write_bytes(encode(image, fmt))
+            (root / category / f"{prefix}{category}-{i:02d}{suffix}").write_bytes(encode(image, fmt))
     return root
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.models.resnet import Bottleneck
 
 from visual_search.catalogue.vectors import l2_normalize
 from visual_search.images import decode_image
@@ -37,6 +38,25 @@ def recalibrated(model, preprocess, photos):
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
             module.momentum = None  # a plain average over the calibration batches
+    model.train()
+    for chunk in photo_tensors(preprocess, photos).split(16):
+        model.backbone(chunk)
+    return model.eval()
+
+
+@torch.no_grad()
+def smooth_model(preprocess, photos, seed=0):
+    """calibrated_model with every residual branch starting at zero (torchvision's zero_init_residual): its features
+    are smooth random projections of the photo, so that an altered copy stays near its original while different
+    photos lie apart, as with trained weights. Near-duplicate tests need that; a random deep net amplifies any
+    change."""
+    torch.manual_seed(seed)
+    model = ProductNet(len(CATEGORIES))
+    for module in model.modules():
+        if isinstance(module, Bottleneck):
+            torch.nn.init.zeros_(module.bn3.weight)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
     model.train()
     for chunk in photo_tensors(preprocess, photos).split(16):
         model.backbone(chunk)

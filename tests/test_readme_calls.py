@@ -53,10 +53,11 @@ def test_readme_has_the_documented_calls():
 
 
 @pytest.fixture(scope="module")
-def readme_server(bundle_dir, tmp_path_factory):
+def readme_server(calibrated_bundle_dir, tmp_path_factory):
+    """The bundle with a calibrated near-duplicate threshold, so that the documents' duplicates calls answer."""
     store = tmp_path_factory.mktemp("readme-store")
-    build_archive(["--bundle", str(bundle_dir), "--name", MODEL, "--version", VERSION, "--model-store", str(store),
-                   "--batch-size", "4", "--max-batch-delay", "20", "--startup-timeout", "120"])
+    build_archive(["--bundle", str(calibrated_bundle_dir), "--name", MODEL, "--version", VERSION, "--model-store",
+                   str(store), "--batch-size", "4", "--max-batch-delay", "20", "--startup-timeout", "120"])
     with running_torchserve(tmp_path_factory.mktemp("readme-ts"), store, [f"{MODEL}.mar"]) as server:
         yield server
 
@@ -74,9 +75,9 @@ def reader_dir(readme_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def test_listing(bundle_dir):
+def test_listing(calibrated_bundle_dir):
     """A shoe of the test catalogue, standing in for README's demo listing."""
-    catalogue = load_bundle(bundle_dir).catalogue
+    catalogue = load_bundle(calibrated_bundle_dir).catalogue
     try:
         return next(it for it in catalogue.all_items() if it.category == "shoes")
     finally:

@@ -10,6 +10,7 @@ from visual_search.request import Limits, Parameter, parse_query
 
 PHOTO = encode(product_photo("bags", 3, size=(40, 30)), "JPEG")
 LIMITS = Limits(default_k=4, max_k=10)
+NO_DUPLICATES = {"duplicates": False, "diverse": False, "duplicate_threshold": None}
 
 
 def parse(row, headers=None):
@@ -31,7 +32,7 @@ def test_the_image_comes_from_the_body_the_image_part_the_only_file_part_or_json
 
 def test_parameters_from_header_form_and_json_the_later_overriding_the_earlier():
     assert parse({"body": PHOTO}).params == {"output": "similar", "k": 4, "category": (), "exclude": (),
-                                             "listing": None}
+                                             "listing": None, **NO_DUPLICATES}
     assert parse({"body": PHOTO}, {"X-Top-K": "2"}).k == 2
     assert parse({"body": PHOTO, "k": b"3"}, {"X-Top-K": "2"}).k == 3  # form field or query string
     json_body = {"image": base64.b64encode(PHOTO).decode(), "k": 5, "output": "similar"}
@@ -108,7 +109,8 @@ def test_a_new_parameter_is_one_table_entry(monkeypatch):
 
 def test_filters_and_listing_come_from_any_channel():
     assert parse({"body": PHOTO}, {"X-Category": "shoes, bags,shoes", "X-Exclude": "sku-1"}).params == {
-        "output": "similar", "k": 4, "category": ("shoes", "bags"), "exclude": ("sku-1",), "listing": None}
+        "output": "similar", "k": 4, "category": ("shoes", "bags"), "exclude": ("sku-1",), "listing": None,
+        **NO_DUPLICATES}
     form = parse({"image": PHOTO, "category": b"phones", "exclude": b"a,b"},
                  {"image": {"content-type": "image/jpeg"}, "category": {"content-type": ""},
                   "exclude": {"content-type": ""}})
@@ -131,3 +133,61 @@ def test_names_with_commas_or_percent_signs_are_escaped_in_text():
     query = parse({"body": PHOTO}, {"X-Exclude": "a%2Cb,100%25,c"})
     assert query.exclude == ("a,b", "100%", "c")
     assert parse({"body": {"image": "", "exclude": ["a,b", "100%"]}}).exclude == ("a,b", "100%")  # JSON: as is
+
+
+@pytest.mark.parametrize("text, value", [("true", True), (" TRUE ", True), ("1", True), ("yes", True), ("on", True),
+                                         ("false", False), ("0", False), ("No", False), ("off", False)])
+def test_duplicates_and_diverse_come_from_every_channel_as_text(text, value):
+    for name, header in (("duplicates", "X-Duplicates"), ("diverse", "X-Diverse")):
+        assert parse({"body": PHOTO}, {header: text}).params[name] is value
+        form = parse({"image": PHOTO, name: text.encode()}, {"image": {"content-type": "image/jpeg"},
+                                                             name: {"content-type": ""}})
+        assert form.params[name] is value
+        assert parse({"body": PHOTO, name: text.encode()}).params[name] is value  # a query string on /invoke
+        listing = parse({"listing": b"sku-9", name: text.encode()},
+                        {"Content-Type": "application/x-www-form-urlencoded"})
+        assert listing.listing == "sku-9" and listing.params[name] is value
+
+
+def test_duplicates_diverse_and_threshold_in_json_and_the_later_channel_wins():
+    body = {"image": base64.b64encode(PHOTO).decode(), "duplicates": True, "diverse": False,
+            "duplicate_threshold": 0.05}
+    params = parse({"body": body}, {"X-Diverse": "true", "X-Duplicate-Threshold": "0.5"}).params
+    assert params["duplicates"] is True and params["diverse"] is False and params["duplicate_threshold"] == 0.05
+    assert parse({"body": {"listing": "sku-7", "duplicates": True}}).params["duplicates"] is True
+    assert parse({"body": PHOTO}, {"X-Duplicate-Threshold": " 4 "}).params["duplicate_threshold"] == 4.0
+    assert parse({"body": PHOTO, "duplicate_threshold": b".025"}).params["duplicate_threshold"] == 0.025
+    assert parse({"body": PHOTO}, {"X-Duplicate-Threshold": "2.5e-2"}).params["duplicate_threshold"] == 0.025
+    assert parse({"body": {"image": "", "duplicate_threshold": 1}}).params["duplicate_threshold"] == 1.0
+
+
+def test_duplicates_parameters_are_not_read_for_an_embedding():
+    params = parse({"body": PHOTO}, {"X-Output": "embedding", "X-Duplicates": "maybe",
+                                     "X-Duplicate-Threshold": "-1"}).params
+    assert params == {"output": "embedding", "listing": None}
+
+
+@pytest.mark.parametrize("row, headers, reason", [
+    ({"body": PHOTO}, {"X-Duplicates": "maybe"}, "duplicates must be true or false, not 'maybe'"),
+    ({"body": PHOTO}, {"X-Diverse": ""}, "diverse must be true or false, not ''"),
+    ({"body": PHOTO, "diverse": b"2"}, {}, "diverse must be true or false, not '2'"),
+    ({"body": {"image": "", "duplicates": "true"}}, {}, "duplicates must be true or false, not 'true'"),
+    ({"body": {"image": "", "duplicates": 1}}, {}, "duplicates must be true or false, not 1"),
+    ({"body": {"image": "", "diverse": None}}, {}, None),  # JSON null: the default, as if not sent
+    ({"body": PHOTO}, {"X-Duplicate-Threshold": "0"}, "duplicate_threshold must be a squared L2 distance above 0"),
+    ({"body": PHOTO}, {"X-Duplicate-Threshold": "-0.1"}, "at most 4, not -0.1"),
+    ({"body": PHOTO}, {"X-Duplicate-Threshold": "4.5"}, "at most 4, not 4.5"),
+    ({"body": PHOTO}, {"X-Duplicate-Threshold": "near"}, "duplicate_threshold must be a number, not 'near'"),
+    ({"body": PHOTO}, {"X-Duplicate-Threshold": "nan"}, "duplicate_threshold must be a number, not 'nan'"),
+    ({"body": PHOTO, "duplicate_threshold": b"1e999"}, {}, "at most 4, not inf"),
+    ({"body": {"image": "", "duplicate_threshold": "0.1"}}, {}, "duplicate_threshold must be a number, not '0.1'"),
+    ({"body": {"image": "", "duplicate_threshold": True}}, {}, "duplicate_threshold must be a number, not True"),
+    ({"body": {"image": "", "duplicate_threshold": float("nan")}}, {}, "at most 4, not nan"),
+    ({"body": PHOTO}, {"X-Duplicates": "tr\x00ue"}, "duplicates holds control characters"),
+])
+def test_bad_duplicates_parameters_are_refused_with_a_reason(row, headers, reason):
+    if reason is None:
+        assert parse(row, headers).params["diverse"] is False
+        return
+    error = refused(row, headers)
+    assert error.status == 400 and reason in error.reason, error.reason

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from training import distributed
+from training.calibration import DEFAULT_LISTINGS, TARGET_PRECISION, calibrate_model
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.embedding import iter_embeddings
 from training.optimize import calibration_items
@@ -25,7 +26,7 @@ from training.parity_gate import (
     choose,
 )
 from training.photo_check import BadPhotosError, check_photos
-from training.publish import publish_bundle
+from training.publish import publish_bundle, weights_sha256
 from visual_search import EMBEDDING_DIM
 from visual_search.bundle import CATALOGUE_DIR, MANIFEST_FILE, MODEL_FILE, catalogue_folder
 from visual_search.catalogue import read_manifest
@@ -70,6 +71,16 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; under torchrun auto, cpu or cuda")
+    duplicates = p.add_mutually_exclusive_group()
+    duplicates.add_argument("--duplicates-photos", default=None,
+                            help="CSV of held-out photos under --data-dir to calibrate the near-duplicate thresholds "
+                                 "on (default: val.csv beside the checkpoint, when it is there)")
+    duplicates.add_argument("--no-duplicates-calibration", action="store_true",
+                            help="publish without near-duplicate thresholds (requests must then give one)")
+    p.add_argument("--duplicates-listings", type=int, default=DEFAULT_LISTINGS,
+                   help="held-out photos the near-duplicate calibration uses, spread over the categories (0: all)")
+    p.add_argument("--target-precision", type=float, default=TARGET_PRECISION,
+                   help="the near-duplicate threshold is the largest with at least this precision")
     p.add_argument("--skip-bad", action="store_true", help="leave out photos that cannot be decoded (listed in "
                                                            "<out-dir>/bad-photos.csv) instead of stopping")
     gate = p.add_argument_group("runtime", "the runtime that embeds the catalogue and will serve its queries, and "
@@ -95,6 +106,19 @@ def catalogue_items(args):
     if not path.is_file():
         raise FileNotFoundError(f"catalogue list {path} not found: pass --catalogue or --all")
     return read_csv(path)
+
+
+def duplicates_photos(args):
+    """The held-out photos list to calibrate the near-duplicate thresholds on, or None (none asked for, or no
+    val.csv beside the checkpoint)."""
+    if args.no_duplicates_calibration:
+        return None
+    if args.duplicates_photos:
+        if not Path(args.duplicates_photos).is_file():
+            raise FileNotFoundError(f"--duplicates-photos {args.duplicates_photos} not found")
+        return Path(args.duplicates_photos)
+    default = Path(args.checkpoint).parent / "val.csv"
+    return default if default.is_file() else None
 
 
 def embed_catalogue_to_file(ctx, path, model, data_dir, items, categories, preprocess, normalize, batch_size=64,
@@ -206,12 +230,19 @@ def build(args, ctx):
         if ctx.is_main:
             if args.catalogue_dir:
                 write_atomically(out_dir / OUTSIDE_MARKER, str(Path(args.catalogue_dir).resolve()))
+            photos, duplicates = duplicates_photos(args), None
+            if photos is not None:  # the near-duplicate thresholds, measured with the runtime that serves queries
+                duplicates = calibrate_model(model, preprocess, normalize, ctx.device, photos, args.data_dir,
+                                             out_dir / EMBEDDINGS_FILE, items, weights_sha256(model.cpu()),
+                                             args.duplicates_listings, args.target_precision,
+                                             settings=choice.settings, ir=choice.ir)
             manifest = publish_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess,
                                       items=items, embeddings=out_dir / EMBEDDINGS_FILE, normalize=normalize,
                                       catalogue_dir=args.catalogue_dir, profile=args.profile, factory=args.factory,
                                       search=args.search, notes=f"built from {args.checkpoint}",
                                       image_root=args.data_dir, runtime=choice.settings.to_dict(),
-                                      catalogue_runtime=choice.catalogue_runtime, ir=choice.ir, parity=choice.parity)
+                                      catalogue_runtime=choice.catalogue_runtime, ir=choice.ir, parity=choice.parity,
+                                      duplicates=duplicates)
     except BaseException:
         if ctx.is_main:
             clear_unfinished(out_dir)

@@ -16,13 +16,14 @@ from serving.build_archive import main as build_archive
 from serving.torchserve import MODEL_STORE
 from serving.version_record import append_version, changes_path, line_lock, read_record, record_path
 from training.build_index import EMBEDDINGS_FILE, embed_catalogue_to_file
+from training.calibration import DEFAULT_LISTINGS, TARGET_PRECISION, calibrate_model
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.distributed import Context, pick_device
 from training.embedding import embed_items
 from training.optimize import catalogue_embedder
 from training.parity_gate import rebuild
 from training.photo_check import check_photos
-from training.publish import publish_bundle, write_bundle
+from training.publish import publish_bundle, weights_sha256, write_bundle
 from visual_search import EMBEDDING_DIM
 from visual_search.bundle import CATALOGUE_DIR, MANIFEST_FILE, catalogue_folder, load_bundle
 from visual_search.bundle import read_manifest as read_bundle_manifest
@@ -334,6 +335,21 @@ def folded_in_place(args, source, log, until, out_dir, folder, new_catalogue, no
                         parity=source.manifest.get("parity"))
 
 
+def recalibrated(args, source, model, preprocess, embeddings, items, folder, choice):
+    """The near-duplicate calibration for retrained weights, on the held-out photos the source catalogue was
+    calibrated on; None (and a warning) when it was not calibrated or those photos are gone."""
+    record = source.catalogue.manifest.get("duplicates") or {}
+    photos = record.get("photos") or {}
+    if not photos.get("list") or not Path(photos["list"]).is_file() or not Path(photos.get("data_dir", "")).is_dir():
+        print("warning: no near-duplicate calibration for the new weights: the source catalogue names no held-out "
+              "photos that are still there; requests with duplicates=true must then give duplicate_threshold")
+        return None
+    return calibrate_model(model, preprocess, source.normalize, pick_device(args.device), photos["list"],
+                           photos["data_dir"], embeddings, items, weights_sha256(model.cpu()),
+                           photos.get("listings", DEFAULT_LISTINGS), record.get("target_precision", TARGET_PRECISION),
+                           record.get("seed", 0), image_root=folder, settings=choice.settings, ir=choice.ir)
+
+
 def re_embedded(args, source, log, until, out_dir, folder, new_catalogue, notes):
     """--checkpoint: every live listing embedded with the retrained weights from the catalogue image folder,
     published as a fresh catalogue with the source's index profile, holding the log up to `until`."""
@@ -349,11 +365,13 @@ def re_embedded(args, source, log, until, out_dir, folder, new_catalogue, notes)
     embed_catalogue_to_file(ctx, path, model, folder, local, categories, preprocess, source.normalize,
                             args.embed_batch_size, args.embed_workers, choice.settings, choice.ir)
     bundled = source.manifest["catalogue"].get("bundled")
+    duplicates = recalibrated(args, source, model, preprocess, path, local, folder, choice)
     return publish_bundle(out_dir, model=model.cpu(), categories=categories, preprocess=preprocess, items=items,
                           embeddings=path, normalize=source.normalize,
                           catalogue_dir=None if bundled else new_catalogue, **index_plan(source.catalogue.manifest),
                           runtime=source.manifest.get("runtime"), notes=notes, image_root=folder, changes_folded=until,
-                          catalogue_runtime=choice.catalogue_runtime, ir=choice.ir, parity=choice.parity)
+                          catalogue_runtime=choice.catalogue_runtime, ir=choice.ir, parity=choice.parity,
+                          duplicates=duplicates)
 
 
 def update(args):

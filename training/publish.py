@@ -1,5 +1,7 @@
 """Writing bundles: the weights, the OpenVINO IR of the runtime and the manifest for a published catalogue folder,
 or a catalogue published from embeddings and its bundle in one step (visual_search.bundle reads them)."""
+import hashlib
+import io
 from pathlib import Path
 
 import torch
@@ -12,6 +14,14 @@ from visual_search.errors import BundleError
 from visual_search.fileio import sha256_file, utc_now, write_atomically, write_json
 from visual_search.openvino_engine import IR_BIN, IR_XML
 from visual_search.runtime_settings import RuntimeSettings, check_catalogue_runtime
+
+
+def weights_sha256(model):
+    """The sha256 that the bundle's model.pt of `model` has: torch.save to a file object writes the same bytes for
+    the same weights, so a calibration can name the weights before the bundle is written."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 def write_bundle(out_dir, *, model, categories, preprocess, catalogue_dir, normalize, runtime=None, notes="",
@@ -33,6 +43,12 @@ def write_bundle(out_dir, *, model, categories, preprocess, catalogue_dir, norma
     if ir is None:
         for name in (IR_XML, IR_BIN):
             (out_dir / name).unlink(missing_ok=True)
+    weights = sha256_file(out_dir / MODEL_FILE)
+    calibrated_for = (read_manifest(catalogue_dir).get("duplicates") or {}).get("weights_sha256")
+    if calibrated_for not in (None, weights):
+        raise BundleError(f"{catalogue_dir}: its near-duplicate threshold was calibrated for weights "
+                          f"{calibrated_for[:12]}..., not these ({weights[:12]}...): publish the catalogue again "
+                          f"with these weights")
     manifest = {
         "format_version": ARCHIVE_FORMAT_VERSION,
         "embedding_dim": EMBEDDING_DIM,
@@ -42,7 +58,7 @@ def write_bundle(out_dir, *, model, categories, preprocess, catalogue_dir, norma
         "runtime": settings.to_dict(),
         "openvino": write_ir(ir, out_dir) if ir is not None else None,
         "parity": parity,
-        "weights_sha256": sha256_file(out_dir / MODEL_FILE),
+        "weights_sha256": weights,
         "catalogue": {**reference, "bundled": bundled, "path": CATALOGUE_DIR if bundled else reference["path"]},
         "image_root": str(Path(image_root).resolve()) if image_root else None,
         "torch_version": torch.__version__,
@@ -56,17 +72,18 @@ def write_bundle(out_dir, *, model, categories, preprocess, catalogue_dir, norma
 
 def publish_bundle(out_dir, *, model, categories, preprocess, items, embeddings, normalize, catalogue_dir=None,
                    profile=None, factory=None, search=None, runtime=None, notes="", image_root=None, progress=True,
-                   changes_folded=0, catalogue_runtime=None, ir=None, parity=None):
+                   changes_folded=0, catalogue_runtime=None, ir=None, parity=None, duplicates=None):
     """Publishes a catalogue from `embeddings` (a .npy path or an array, rows in `items` order, embedded by
     `catalogue_runtime`, a record; default: the bundle's runtime) and writes the bundle for it. The catalogue goes
-    to <out_dir>/catalogue (bundled) or to `catalogue_dir` (outside); either is written once and never replaced."""
+    to <out_dir>/catalogue (bundled) or to `catalogue_dir` (outside); either is written once and never replaced.
+    `duplicates`: its near-duplicate calibration (training.calibration)."""
     out_dir = Path(out_dir)
     target = Path(catalogue_dir) if catalogue_dir else out_dir / CATALOGUE_DIR
     if catalogue_runtime is None:
         catalogue_runtime = RuntimeSettings.from_dict(runtime or {}).embeds_like()
     publish_catalogue(target, embeddings, items, categories=categories, profile=profile, factory=factory,
                       search=search, normalize=normalize, progress=progress, notes=notes,
-                      changes_folded=changes_folded, runtime=catalogue_runtime)
+                      changes_folded=changes_folded, runtime=catalogue_runtime, duplicates=duplicates)
     return write_bundle(out_dir, model=model, categories=categories, preprocess=preprocess, catalogue_dir=target,
                         normalize=normalize, runtime=runtime, notes=notes, image_root=image_root, ir=ir,
                         parity=parity)

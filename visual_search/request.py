@@ -112,6 +112,35 @@ def names_reader(name):
     return read
 
 
+FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def flag_reader(name):
+    """Reads a yes/no parameter: true/false, 1/0, yes/no or on/off as text; a JSON true or false."""
+    def read(value, limits, text):
+        if text and isinstance(value, str) and value.strip().lower() in FLAGS:
+            return FLAGS[value.strip().lower()]
+        if not text and type(value) is bool:
+            return value
+        raise bad_parameter(f"{name} must be true or false, not {shown(value)}")
+    return read
+
+
+MAX_THRESHOLD = 4.0  # the largest squared L2 distance between unit-length embeddings
+NUMBER = re.compile(r"\s*[+-]?[0-9]*\.?[0-9]+(e[+-]?[0-9]+)?\s*", re.IGNORECASE | re.ASCII)
+
+
+def read_threshold(value, limits, text):
+    if text and isinstance(value, str) and NUMBER.fullmatch(value):
+        value = float(value)
+    elif text or type(value) not in (int, float):
+        raise bad_parameter(f"duplicate_threshold must be a number, not {shown(value)}")
+    if not 0.0 < value <= MAX_THRESHOLD:
+        raise bad_parameter(f"duplicate_threshold must be a squared L2 distance above 0 and at most {MAX_THRESHOLD:g}, "
+                            f"not {shown(value)}")
+    return float(value)
+
+
 def similar_only(params):
     return params["output"] == "similar"
 
@@ -131,6 +160,10 @@ PARAMETERS = {  # read in this order
     "category": Parameter("X-Category", names_reader("category"), lambda limits: (), applies=similar_only),
     "exclude": Parameter("X-Exclude", names_reader("exclude"), lambda limits: (), applies=similar_only),
     "listing": Parameter("X-Listing", read_listing, lambda limits: None),
+    "duplicates": Parameter("X-Duplicates", flag_reader("duplicates"), lambda limits: False, applies=similar_only),
+    "diverse": Parameter("X-Diverse", flag_reader("diverse"), lambda limits: False, applies=similar_only),
+    "duplicate_threshold": Parameter("X-Duplicate-Threshold", read_threshold, lambda limits: None,
+                                     applies=similar_only),
 }
 
 

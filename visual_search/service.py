@@ -11,6 +11,7 @@ import torch
 
 from .bundle import load_bundle
 from .catalogue import SearchRequest
+from .catalogue.duplicates import calibrated_threshold, finish, plan_of
 from .catalogue.live import ChangeFollower
 from .errors import InputError, VisualSearchError
 from .fileio import under_catalogues
@@ -52,6 +53,7 @@ class Inferred:
     embeddings: np.ndarray = None  # [photos, 2048], in prepared.photo_rows order
     probabilities: np.ndarray = None  # [photos, categories]
     found: list = None  # Hits, VisualSearchError or None (not searched) per row
+    extras: list = None  # per row, the fields its similar-items answer adds (duplicates, diverse)
 
 
 def no_explanations():
@@ -72,6 +74,7 @@ class SearchService:
         self.catalogue, self.follower = bundle.catalogue, follower
         self.model_name, self.version = model_name, version
         self.categories = np.array(bundle.categories)
+        self.duplicate_threshold = calibrated_threshold(self.catalogue.manifest, bundle.manifest.get("weights_sha256"))
 
     @classmethod
     def load(cls, model_dir, settings=None, gpu_id=None, batch_size=1, model_name=None, version=None):
@@ -132,7 +135,7 @@ class SearchService:
 
     def infer(self, prepared, metrics=NoMetrics()):
         """The model on the batch's photos, then the catalogue for every row that asks for similar items."""
-        inferred = Inferred(prepared, found=[None] * len(prepared.queries))
+        inferred = Inferred(prepared, found=[None] * len(prepared.queries), extras=[{}] * len(prepared.queries))
         if prepared.batch is not None:
             with metrics.timed("Inference"):
                 try:
@@ -141,23 +144,32 @@ class SearchService:
                     log.exception("the model failed on a batch of %d photos", len(prepared.batch))
                     for i in prepared.photo_rows:
                         inferred.found[i] = internal_error("running the model")
-        rows, requests = [], []
+        rows, requests, plans = [], [], []
         for i, query in enumerate(prepared.queries):
             if query is None or query.output != "similar" or inferred.found[i] is not None:
                 continue
+            photo = prepared.photo_rows.get(i)
+            predicted = None if photo is None else str(self.categories[inferred.probabilities[photo].argmax()])
+            try:
+                plan = plan_of(query.params, self.duplicate_threshold, self.catalogue.manifest, predicted)
+            except InputError as error:
+                inferred.found[i] = error
+                continue
             vector = inferred.embeddings[prepared.photo_rows[i]] if i in prepared.photo_rows else None
             rows.append(i)
-            requests.append(SearchRequest(k=query.k, vector=vector, listing=query.listing,
+            plans.append(plan)
+            requests.append(SearchRequest(k=plan.first_depth(), vector=vector, listing=query.listing,
                                           categories=query.categories, exclude=query.exclude))
         if requests:
             with metrics.timed("Search"):
                 try:
-                    results = self.catalogue.answer(requests)
+                    results, extras = finish(self.catalogue, requests, self.catalogue.answer(requests), plans)
                 except Exception:
                     log.exception("the catalogue failed on a batch of %d searches", len(requests))
                     results = [internal_error("searching the catalogue")] * len(requests)
-            for i, result in zip(rows, results):
-                inferred.found[i] = result
+                    extras = [{}] * len(requests)
+            for i, result, extra in zip(rows, results, extras):
+                inferred.found[i], inferred.extras[i] = result, extra
         return inferred
 
     def answer(self, inferred, kinds):
@@ -183,7 +195,8 @@ class SearchService:
         query, photo = inferred.prepared.queries[i], inferred.prepared.photo_rows.get(i)
         if query.output == "embedding":
             return self._embedding_answer(inferred.embeddings[photo])
-        return self._similar_answer(inferred.found[i], None if photo is None else inferred.probabilities[photo])
+        return {**self._similar_answer(inferred.found[i], None if photo is None else inferred.probabilities[photo]),
+                **inferred.extras[i]}
 
     def _header(self):
         return {"model": self.model_name, "model_version": self.version}
@@ -217,6 +230,8 @@ class SearchService:
                               "bundled": manifest["catalogue"].get("bundled", False)},
                 "embedding_dim": manifest["embedding_dim"],
                 "preprocess": manifest["preprocess"], "runtime": self.runtime.settings.to_dict(),
+                "duplicate_threshold": self.duplicate_threshold and {
+                    **self.duplicate_threshold.to_dict(), "by_category": self.duplicate_threshold.by_category},
                 "default_k": self.limits.default_k, "max_k": self.limits.max_k, "threads": self.cores.threads,
                 "workers_on_host": self.cores.workers, "pid": os.getpid(),
                 "changes": None if self.follower is None else {

@@ -86,7 +86,7 @@ def sample_positions(count, rows, seed):
 
 def publish_catalogue(out_dir, embeddings, items, *, categories=None, profile=None, factory=None, search=None,
                       normalize=True, chunk_rows=CHUNK_ROWS, seed=0, progress=True, notes="", changes_folded=0,
-                      runtime=None):
+                      runtime=None, duplicates=None):
     """Writes a new catalogue folder from embeddings (a .npy path, read in chunks, or an array) [N, 2048] and
     N items (catalogue.Item, rows in the same order). Returns the manifest.
 
@@ -94,6 +94,7 @@ def publish_catalogue(out_dir, embeddings, items, *, categories=None, profile=No
     profile / factory / search: the index plan (visual_search.index.plan_index); default: chosen by size.
     runtime: the record of the runtime that embedded the rows (engine, precision, the query runtimes measured
     compatible; visual_search.runtime_settings); default: torch fp32.
+    duplicates: the near-duplicate calibration to record (training.calibration; updates and re-indexes keep it).
     """
     reader = RowReader(embeddings)
     count = len(reader)
@@ -152,6 +153,8 @@ def publish_catalogue(out_dir, embeddings, items, *, categories=None, profile=No
                 "build_seconds": {k: round(v, 2) for k, v in timings.items()},
                 "runtime": catalogue_runtime({"runtime": runtime}),
             }
+            if duplicates is not None:
+                manifest["duplicates"] = dict(duplicates)
             finish(tmp, manifest, progress=progress)
     finally:
         reader.close()
