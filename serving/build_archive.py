@@ -162,6 +162,8 @@ def verify_archive(path):
     when the catalogue is bundled, every catalogue file against catalogue.json. Returns the manifest; raises
     BundleError naming the first file that differs."""
     with zipfile.ZipFile(path) as archive:
+        if MANIFEST_FILE not in archive.namelist():
+            raise BundleError(f"{path} is not an archive of this project: it holds no {MANIFEST_FILE}")
         manifest = json.loads(archive.read(MANIFEST_FILE))
         expected = {MODEL_FILE: manifest.get("weights_sha256"), **((manifest.get("openvino") or {}).get("files") or {})}
         if f"{CATALOGUE_DIR}/{CATALOGUE_MANIFEST}" in archive.namelist():

@@ -38,9 +38,12 @@ def trained_run(photo_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundle_dir(trained_run, photo_dir):
+    """The session's bundle: torch fp32, and no near-duplicate thresholds (tests/test_duplicates_serving.py builds
+    a calibrated one)."""
     out = trained_run / "bundle"
     build_index(["--checkpoint", str(trained_run / "last.pt"), "--data-dir", str(photo_dir), "--out-dir", str(out),
-                 "--all", "--workers", "0", "--batch-size", "8", "--runtime", "torch-fp32"])
+                 "--all", "--workers", "0", "--batch-size", "8", "--runtime", "torch-fp32",
+                 "--no-duplicates-calibration"])
     return out
 
 

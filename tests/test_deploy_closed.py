@@ -25,14 +25,17 @@ MODEL_CONFIG = {"batchSize": 2, "minWorkers": 1, "maxWorkers": 1,
 
 
 def build_archive(folder, name="tiny", version="1.0", config=MODEL_CONFIG, extra=b""):
-    """A real archive from torch-model-archiver: a handler file, a filler file and (unless config is None) a
-    model-config.yaml."""
+    """A real archive from torch-model-archiver: a handler file, a filler file, weights and the manifest that names
+    their sha256 (what make_release verifies), and (unless config is None) a model-config.yaml."""
     work = folder / f"src-{name}-{version}"
     work.mkdir(parents=True)
     (work / "handler.py").write_text("def handle(data, context):\n    return data\n")
     (work / "filler.txt").write_bytes(b"every worker of every version\n" * 200 + extra)
+    (work / "model.pt").write_bytes(f"weights of {name} {version}".encode())
+    (work / "manifest.json").write_text(json.dumps({"weights_sha256": fileio.sha256_file(work / "model.pt")}))
+    files = ",".join(str(work / f) for f in ("filler.txt", "model.pt", "manifest.json"))
     command = [tool("torch-model-archiver"), "--model-name", name, "--version", version, "--handler",
-               str(work / "handler.py"), "--extra-files", str(work / "filler.txt"), "--export-path", str(work)]
+               str(work / "handler.py"), "--extra-files", files, "--export-path", str(work)]
     if config is not None:
         (work / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         command += ["--config-file", str(work / "model-config.yaml")]
