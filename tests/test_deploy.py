@@ -107,7 +107,7 @@ def test_requirements_txt_includes_the_serving_pins_and_repeats_none():
 DEV_MODULES = {"tensorboard": "tensorboard", "matplotlib": "matplotlib", "locust": "locust",
                "pytest": "pytest", "fastapi": "fastapi", "uvicorn": "uvicorn", "python-multipart": "multipart",
                "httpx": "httpx", "playwright": "playwright", "kubernetes-validate": "kubernetes_validate",
-               "torch-model-archiver": "model_archiver", "ruff": "ruff"}
+               "torch-model-archiver": "model_archiver", "ruff": "ruff", "milvus-lite": "milvus_lite"}
 
 
 def test_the_handler_and_the_start_command_import_with_the_serving_requirements_alone():
