@@ -320,8 +320,9 @@ class Catalogue:
             return distances, keys, selection.count
         added = self.overlay.select(selection.codes, exclude)
         available = selection.count + added.count
-        if available == 0:
-            raise no_match(categories, exclude, 0)
+        if available == 0:  # the message tells an empty category from one whose items are all left out
+            base = self.select(categories, (), allow_empty=True).count + self.overlay.select(selection.codes, ()).count
+            raise no_match(categories, exclude, base)
         parts = [search_selection(self, queries, k, selection)] if selection.count else []
         if added.count:
             parts.append(self.overlay.search(queries, k, added, self.search_params.get("nprobe")))
