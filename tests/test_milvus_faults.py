@@ -58,7 +58,7 @@ def test_a_paused_then_stopped_milvus_answers_503_and_the_workers_recover_with_t
         try:
             started = time.time()
             assert_unavailable(search(server, photo), started)
-            assert time.time() - started >= MILVUS_TIMEOUT * 0.9  # it waited for Milvus, then gave up
+            assert time.time() - started >= MILVUS_TIMEOUT / 2  # it waited for Milvus, then gave up
         finally:
             os.kill(milvus.process.pid, signal.SIGCONT)
         milvus.stop()  # unreachable: connections refused
