@@ -36,9 +36,9 @@ class MilvusLite:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                     pass
-                from pymilvus import MilvusClient  # noqa: PLC0415
+                from visual_search.catalogue.milvus import MilvusSettings, connect  # noqa: PLC0415
 
-                MilvusClient(uri=self.uri, timeout=5).close()
+                connect(MilvusSettings(self.uri, "none", timeout=5)).close()  # the serving client's options
                 return self
             except Exception:  # noqa: BLE001 (not listening yet)
                 time.sleep(0.2)

@@ -76,8 +76,10 @@ def connect(settings):
     from pymilvus import MilvusClient  # noqa: PLC0415 (pymilvus only for this engine)
 
     try:
+        # dedicated: pymilvus shares one connection per address and token, made with the options of the first
+        # client in the process; this one gets its own, with these options
         return MilvusClient(uri=settings.uri, token=settings.token(), timeout=settings.timeout,
-                            grpc_options=KEEPALIVE)
+                            grpc_options=KEEPALIVE, dedicated=True)
     except Exception as error:  # noqa: BLE001 (pymilvus raises MilvusException or gRPC errors)
         raise unavailable(settings, error) from None
 
