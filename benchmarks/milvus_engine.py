@@ -125,7 +125,7 @@ def measure_faiss(args, work, embeddings, items, queries_path):
 
 def measure_milvus(args, work, folder, queries):
     from tests.milvus_server import MilvusLite  # noqa: PLC0415
-    from training.publish_milvus import publish_folder  # noqa: PLC0415
+    from training.publish_milvus import index_plan, publish_folder  # noqa: PLC0415
     from visual_search.catalogue.milvus import IDENTITY_PROPERTY, MilvusSettings, open_collection  # noqa: PLC0415
 
     data = work / "milvus-data"
@@ -139,10 +139,8 @@ def measure_milvus(args, work, folder, queries):
         started = time.perf_counter()
         publish_folder(settings, folder, profile="accurate", progress=True)
         results["publish_ivf_sq8_seconds"] = time.perf_counter() - started
-        for name, index, search in (("IVF_SQ8", None, None),
-                                    ("HNSW", {"index_type": "HNSW", "metric_type": "L2",
-                                              "params": {"M": 32, "efConstruction": 256}},
-                                     {"ef": 128, "k_factor": 2})):
+        hnsw = index_plan(args.size, "accurate", hnsw=True)
+        for name, index, search in (("IVF_SQ8", None, None), ("HNSW", *hnsw)):
             if index is not None:  # the same rows, indexed again
                 client = open_collection(settings).client
                 identity = json.loads(client.describe_collection("bench")["properties"][IDENTITY_PROPERTY])

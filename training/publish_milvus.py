@@ -49,7 +49,7 @@ def index_plan(count, profile, hnsw=False):
         return {"index_type": "FLAT", "metric_type": "L2", "params": {}}, {}
     chosen = PROFILES[profile]
     if hnsw:
-        return ({"index_type": "HNSW", "metric_type": "L2", "params": {"M": 32, "efConstruction": 256}},
+        return ({"index_type": "HNSW", "metric_type": "L2", "params": {"M": 16, "efConstruction": 128}},
                 {"ef": 128, "k_factor": chosen.k_factor})
     nlist = ivf_lists(count)
     search = {"nprobe": ivf_probes(nlist, chosen.min_nprobe), "k_factor": chosen.k_factor}
@@ -190,7 +190,7 @@ def get_args(argv=None):
     p.add_argument("--profile", choices=list(PROFILES), default=None,
                    help="index profile (default: the folder's, else by size): exact FLAT, accurate IVF_SQ8, "
                         "compact IVF_RABITQ with SQ8 refinement")
-    p.add_argument("--hnsw", action="store_true", help="accurate or compact as HNSW (M 32) instead of IVF")
+    p.add_argument("--hnsw", action="store_true", help="accurate or compact as HNSW (M 16) instead of IVF")
     p.add_argument("--alias", default=None, help="create or switch this alias to the new collection")
     p.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS)
     return p.parse_args(argv)

@@ -21,9 +21,10 @@ ID_LENGTH, CATEGORY_LENGTH, IMAGE_LENGTH = 512, 256, 2048  # VARCHAR max_length 
 MAX_LIMIT = 16_384  # Milvus's largest topk
 EXACT_FETCH_UP_TO = 4096  # a filtered set this small is fetched and ranked exactly when an index stays short
 DEFAULT_TIMEOUT = 10.0  # s per Milvus call; keep it under the archive's responseTimeout
-# gRPC keepalive pings only during calls, at most one per 5 minutes: a server's default minimum (Milvus Lite's
-# too): pymilvus's own (every 10 s, idle too) gets an idle worker's connection closed with "too many pings"
-KEEPALIVE = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": 0}
+# gRPC keepalive pings only during calls, one per 10 minutes: over a server's default minimum interval (5 minutes,
+# Milvus Lite's too). pymilvus's own (every 10 s, idle too) gets connections closed with "too many pings", and a
+# long call (an index build) then retried by pymilvus; every call has its own deadline anyway.
+KEEPALIVE = {"grpc.keepalive_time_ms": 600_000, "grpc.keepalive_permit_without_calls": 0}
 NOT_LOADED = 101  # the MilvusException code of a search on a released collection
 TOKEN_ENV = "MILVUS_TOKEN"
 URI_ENV = "VISUAL_SEARCH_MILVUS_URI"  # overrides the archive's uri (a Deployment points its pods here)
