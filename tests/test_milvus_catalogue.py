@@ -113,3 +113,12 @@ def test_an_unreachable_server_is_a_503_not_a_crash(milvus):
     with pytest.raises(CatalogueUnavailable) as raised:
         open_collection(settings)
     assert raised.value.status == 503 and "did not answer" in raised.value.reason
+
+
+def test_settings_refuse_unknown_names_and_take_the_uri_from_the_environment(monkeypatch):
+    settings = MilvusSettings("http://milvus:19530", "shop", timeout=3)
+    assert MilvusSettings.from_dict(settings.to_dict()) == settings and "token" not in settings.to_dict()
+    with pytest.raises(CatalogueError, match="unknown milvus settings colection"):
+        MilvusSettings.from_dict({"uri": "http://milvus:19530", "colection": "shop"})
+    monkeypatch.setenv("VISUAL_SEARCH_MILVUS_URI", "http://elsewhere:19530")
+    assert MilvusSettings.from_dict(settings.to_dict()).uri == "http://elsewhere:19530"

@@ -5,7 +5,7 @@ categories, index and search parameters) is a JSON property of the collection, c
 reference. pymilvus is imported on first use, so catalogue folders never need it. docs/milvus.md."""
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import numpy as np
 from .. import EMBEDDING_DIM
 from ..errors import CatalogueError, CatalogueUnavailable, FilterError, InputError, UnknownListingError
 from ..items import Item
-from .search import Hits, Neighbour, queries_of
+from .search import Hits, Neighbour, SearchRequest, queries_of
 
 IDENTITY_PROPERTY = "visual_search.identity"  # the collection property holding the identity JSON
 IDENTITY_KEYS = ("uid", "count", "dim", "normalized")  # what an archive pins
@@ -40,20 +40,20 @@ class MilvusSettings:
     token_env: str = TOKEN_ENV
     timeout: float = DEFAULT_TIMEOUT
     consistency: str = "Strong"
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, values):
+        """From model-config.yaml's handler.milvus; $VISUAL_SEARCH_MILVUS_URI, where set, overrides the uri."""
         values = dict(values or {})
-        uri = os.environ.get(URI_ENV) or values.pop("uri", None)
-        values.pop("uri", None)
-        collection = values.pop("collection", None)
-        if not uri or not collection:
+        unknown = sorted(set(values) - set(SETTING_NAMES))
+        if unknown:
+            raise CatalogueError(f"unknown milvus settings {', '.join(unknown)}; known: {', '.join(SETTING_NAMES)}")
+        values["uri"] = os.environ.get(URI_ENV) or values.get("uri")
+        if not values["uri"] or not values.get("collection"):
             raise CatalogueError("the milvus setting needs uri and collection")
-        known = {k: values.pop(k) for k in ("token_file", "token_env", "timeout", "consistency") if k in values}
-        if "timeout" in known:
-            known["timeout"] = float(known["timeout"])
-        return cls(str(uri), str(collection), **known, extra=values)
+        if "timeout" in values:
+            values["timeout"] = float(values["timeout"])
+        return cls(**values)
 
     def to_dict(self):
         """What an archive's model-config.yaml records (no token)."""
@@ -70,6 +70,9 @@ class MilvusSettings:
 
     def where(self):
         return f"Milvus {self.uri} collection {self.collection}"
+
+
+SETTING_NAMES = tuple(f.name for f in fields(MilvusSettings))
 
 
 def connect(settings):
@@ -250,8 +253,6 @@ class MilvusCatalogue:
 
     def search(self, queries, k, categories=(), exclude=()):
         """One Hits per query row, nearest first, among the listings the filter lets through."""
-        from .search import SearchRequest  # noqa: PLC0415
-
         results = self.answer([SearchRequest(k=k, vector=row, categories=tuple(categories), exclude=tuple(exclude))
                                for row in queries_of(queries)])
         for result in results:
