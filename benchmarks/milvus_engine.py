@@ -26,6 +26,7 @@ USAGE = """examples:
 """
 CATEGORIES = tuple(f"c{i}" for i in range(10))
 CLUSTERS, SPREAD_DIMS = 2000, 256
+SPREAD = 0.15  # noise scale: rows stay nearer their own centre than any other (a wider one is noise, not neighbours)
 BATCH = 16  # requests per answer() call, batched
 
 
@@ -34,7 +35,7 @@ def synthetic_rows(count, seed, chunk=8192):
     rng = np.random.default_rng(0)
     centres = l2_normalize(rng.standard_normal((CLUSTERS, 2048), dtype=np.float32))
     basis = rng.standard_normal((SPREAD_DIMS, 2048), dtype=np.float32) / np.sqrt(2048)
-    basis *= (0.6 / np.sqrt(1 + np.arange(SPREAD_DIMS)))[:, None].astype(np.float32)
+    basis *= (SPREAD / np.sqrt(1 + np.arange(SPREAD_DIMS)))[:, None].astype(np.float32)
     rng = np.random.default_rng(seed)
     for start in range(0, count, chunk):
         n = min(chunk, count - start)
