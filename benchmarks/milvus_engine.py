@@ -168,6 +168,24 @@ def measure_milvus(args, work, folder, queries):
     return results
 
 
+def markdown_table(result):
+    """The figures of one run as docs/milvus.md's table."""
+    faiss, milvus = result["faiss_accurate"], result["milvus_lite"]
+    rows = [("FAISS `accurate` (IVF,SQ8), memory-mapped", faiss, faiss["publish_seconds"],
+             f"{faiss['rss_bytes'] / 2**20:,.0f} MiB worker RSS"),
+            ("Milvus Lite IVF_SQ8", milvus["IVF_SQ8"], milvus["publish_ivf_sq8_seconds"],
+             f"{milvus['IVF_SQ8']['server_rss'] / 2**20:,.0f} MiB server RSS"),
+            ("Milvus Lite HNSW (M 16), same rows", milvus["HNSW"], milvus["index_hnsw_seconds"],
+             f"{milvus['HNSW']['server_rss'] / 2**20:,.0f} MiB server RSS")]
+    lines = ["| engine | q/s single | q/s batched (16) | p50 ms | p99 ms | recall@10 | publish s | load s | memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry, publish, memory in rows:
+        lines.append(f"| {name} | {entry['qps_single']:.1f} | {entry['qps_batched']:.1f} | {entry['p50_ms']:.1f} | "
+                     f"{entry['p99_ms']:.1f} | {entry['recall_at_10']:.3f} | {publish:.0f} | "
+                     f"{entry['load_seconds']:.2f} | {memory} |")
+    return "\n".join(lines)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=HelpFormatter)
     p.add_argument("--size", type=int, default=100_000)
@@ -206,6 +224,7 @@ def main(argv=None):
         entry["recall_at_10"] = recall(entry.pop("found"), truth)
     (out / f"milvus_engine-{args.size}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    print(markdown_table(result))
     if not args.keep:
         shutil.rmtree(work)
     return result
