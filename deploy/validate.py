@@ -21,6 +21,9 @@ MANIFEST_DIRS = (DEPLOY / "kubernetes", DEPLOY / "kserve")
 CRD_SCHEMAS = {("serving.kserve.io/v1beta1", "InferenceService"): DEPLOY / "schemas" / "inferenceservice-v1beta1.yaml"}
 KUBERNETES_VERSION = "1.37.0"
 RELEASE_CONFIG = DEPLOY / "storage" / "config" / "config.properties"
+MILVUS_VALUES = DEPLOY / "milvus" / "values.yaml"
+MILVUS_VALUES_SCHEMA = DEPLOY / "schemas" / "milvus-values.yaml"
+MILVUS_URI_ENV = "VISUAL_SEARCH_MILVUS_URI"
 
 # KServe: Serverless mode (Knative) reads the Knative label, RawDeployment mode the KServe one.
 CLUSTER_LOCAL = "cluster-local"
@@ -204,6 +207,32 @@ def exposure_problems(documents, props):
     return [f"{name}: {reason}" for name, reasons, _ in exposure(documents, props) for reason in reasons]
 
 
+def milvus_values_problems(values):
+    """The reasons a values file for Milvus's Helm chart is not what the handler needs: keys the chart does not
+    read or of the wrong type (deploy/schemas/milvus-values.yaml), no cluster mode, a single replica."""
+    schema = yaml.safe_load(MILVUS_VALUES_SCHEMA.read_text())
+    found = [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+             for e in jsonschema.Draft7Validator(schema).iter_errors(values)]
+    if not (values.get("cluster") or {}).get("enabled"):
+        found.append("cluster.enabled is not true: standalone Milvus is one pod")
+    for component in ("proxy", "queryNode"):
+        if int((values.get(component) or {}).get("replicas", 1)) < 2:
+            found.append(f"{component}.replicas under 2: one pod lost stops every search")
+    if int((values.get("etcd") or {}).get("replicaCount", 1)) < 3:
+        found.append("etcd.replicaCount under 3: no quorum survives a lost member")
+    return found
+
+
+def milvus_uris(documents):
+    """{workload: the Milvus URI its pods are given} for every serving workload that names one."""
+    found = {}
+    for name, _, _, container, _ in serving_workloads(documents):
+        for env in container.get("env") or []:
+            if env.get("name") == MILVUS_URI_ENV:
+                found[name] = env.get("value")
+    return found
+
+
 def manifest_files(paths=()):
     if paths:
         return [Path(p) for p in paths]
@@ -240,6 +269,16 @@ def main(argv=None):
             print(f"{'invalid' if found else 'ok':8} {path}  {name}")
             for problem in found:
                 print(f"         {problem}")
+    try:
+        values = yaml.safe_load(MILVUS_VALUES.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        print(f"error: {MILVUS_VALUES}: {error}")
+        return 1
+    found = milvus_values_problems(values)
+    failed += bool(found)
+    print(f"{'invalid' if found else 'ok':8} {MILVUS_VALUES}  values of Milvus's Helm chart")
+    for problem in found:
+        print(f"         {problem}")
     try:
         props = read_config(args.config)
     except OSError as error:

@@ -19,6 +19,7 @@ from visual_search.bundle import CATALOGUE_DIR, MANIFEST_FILE, MODEL_FILE, bundl
 from visual_search.catalogue import verify_catalogue
 from visual_search.catalogue.changes import CHANGES_SUFFIX
 from visual_search.catalogue.manifest import MANIFEST_FILE as CATALOGUE_MANIFEST
+from visual_search.catalogue.milvus import DEFAULT_TIMEOUT, TOKEN_ENV, MilvusSettings, collection_reference
 from visual_search.cli import HelpFormatter
 from visual_search.errors import BundleError
 from visual_search.fileio import copy_into, write_atomically
@@ -29,6 +30,7 @@ USAGE = """examples:
   python -m serving.build_archive ... --precision fp16 --channels-last --compile --gpu-decode
   python -m serving.build_archive ... --engine torch --precision fp32     # a bundle's model.pt, e.g. for a GPU
   python -m serving.build_archive ... --catalogue-dir shop-v3 --threads 4
+  python -m serving.build_archive ... --milvus-uri http://milvus:19530 --milvus-collection shop_v3
 """
 
 HANDLER = ROOT / "handler" / "visual_search_handler.py"
@@ -42,8 +44,29 @@ SERVING_DEFAULTS = {
 }
 
 
+def milvus_settings(args):
+    """The MilvusSettings the options name, or None (the catalogue is a folder)."""
+    if not args.milvus_collection:
+        return None
+    if not args.milvus_uri:
+        sys.exit("error: --milvus-collection needs --milvus-uri")
+    if args.milvus_timeout >= args.response_timeout:
+        sys.exit(f"error: --milvus-timeout ({args.milvus_timeout:g} s) must be under --response-timeout "
+                 f"({args.response_timeout} s), so that a slow Milvus gets its 503 before TorchServe gives up")
+    return MilvusSettings(args.milvus_uri, args.milvus_collection, token_file=args.milvus_token_file,
+                          token_env=args.milvus_token_env, timeout=args.milvus_timeout)
+
+
 def model_config(args):
-    """TorchServe's per-model settings, read by the frontend and, under "handler", by our handler."""
+    """TorchServe's per-model settings, read by the frontend and, under "handler", by our handler. With Milvus,
+    the handler's `milvus` section names the collection (no token) and there is no change log: Milvus keeps the
+    live changes itself."""
+    milvus = milvus_settings(args)
+    if milvus is not None:
+        catalogue = {"milvus": milvus.to_dict()}
+    else:
+        catalogue = {**({"catalogue_dir": args.catalogue_dir} if args.catalogue_dir else {}),
+                     **({"changes": changes_setting(args)} if not args.no_changes else {})}
     return {
         "batchSize": args.batch_size,
         "maxBatchDelay": args.max_batch_delay,
@@ -51,10 +74,8 @@ def model_config(args):
         "maxWorkers": args.max_workers or args.workers,
         "responseTimeout": args.response_timeout,
         "startupTimeout": args.startup_timeout,
-        "handler": {"default_k": args.default_k, "max_k": args.max_k,
-                    **({"catalogue_dir": args.catalogue_dir} if args.catalogue_dir else {}),
-                    **({"threads": args.threads} if args.threads else {}),
-                    **({"changes": changes_setting(args)} if not args.no_changes else {})},
+        "handler": {"default_k": args.default_k, "max_k": args.max_k, **catalogue,
+                    **({"threads": args.threads} if args.threads else {})},
     }
 
 
@@ -94,6 +115,14 @@ def get_args(argv=None):
     p.add_argument("--catalogue-dir", default=None,
                    help="where serving hosts hold the bundle's outside catalogue, if not at the path it was "
                         "published to (relative: under $VISUAL_SEARCH_CATALOGUES)")
+    milvus = p.add_argument_group("milvus", "the catalogue as a Milvus collection instead of a folder (published by "
+                                            "training.publish_milvus; docs/milvus.md)")
+    milvus.add_argument("--milvus-uri", default=None, help="e.g. http://milvus:19530 ($VISUAL_SEARCH_MILVUS_URI "
+                                                          "overrides it where the workers run)")
+    milvus.add_argument("--milvus-collection", default=None, help="the collection (or alias) the archive searches")
+    milvus.add_argument("--milvus-token-file", default=None, help="a file on the serving hosts holding the token")
+    milvus.add_argument("--milvus-token-env", default=TOKEN_ENV, help="else the env var holding it")
+    milvus.add_argument("--milvus-timeout", type=float, default=DEFAULT_TIMEOUT, help="s per Milvus call")
     runtime = p.add_argument_group("runtime", "unset options keep the bundle's runtime section (the one that "
                                               "embedded its catalogue); the catalogue must fit the runtime")
     runtime.add_argument("--engine", choices=ENGINES, default=None,
@@ -133,6 +162,14 @@ def set_runtime(manifest_path, args, catalogue_manifest):
         sys.exit(f"error: {error}")
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest["runtime"]
+
+
+def pin_collection(manifest_path, reference):
+    """Writes the collection's reference (uid, count, dimension, normalisation) as the archived manifest's
+    catalogue: the workers refuse any other collection."""
+    manifest = json.loads(manifest_path.read_text())
+    manifest["catalogue"] = reference
+    manifest_path.write_text(json.dumps(manifest, indent=2))
 
 
 IMPORTED_BY_HANDLER = """
@@ -182,9 +219,12 @@ def verify_archive(path):
 
 def build_archive(args):
     bundle_dir = Path(args.bundle)
-    bundle = load_bundle(bundle_dir, catalogue_dir=args.catalogue_dir)  # refuse to pack an inconsistent bundle
-    bundled = bundle.manifest["catalogue"].get("bundled", False)
+    milvus = milvus_settings(args)
+    # refuse to pack an inconsistent bundle, or a collection of other vectors
+    bundle = load_bundle(bundle_dir, catalogue_dir=args.catalogue_dir, milvus=milvus)
+    bundled = bundle.manifest["catalogue"].get("bundled", False) and milvus is None
     folder = bundle.catalogue.folder
+    reference = collection_reference(milvus, bundle.catalogue.identity) if milvus is not None else None
     bundle.catalogue.close()
     name = archive_runtime(bundle.manifest, args).name
     measured = SERVING_DEFAULTS.get(name, SERVING_DEFAULTS["torch-fp32"])
@@ -197,7 +237,8 @@ def build_archive(args):
     if archive.exists() and not args.replace:
         sys.exit(f"error: {archive} exists: an archive is written once (a new version gets a new name), or pass "
                  f"--replace")
-    verify_catalogue(folder)  # the full sha256 of every file, before anything is packed
+    if milvus is None:
+        verify_catalogue(folder)  # the full sha256 of every file, before anything is packed
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "extra"
@@ -207,6 +248,8 @@ def build_archive(args):
         if bundled:
             shutil.copytree(bundle_dir / CATALOGUE_DIR, staging / CATALOGUE_DIR)
         runtime = set_runtime(staging / MANIFEST_FILE, args, bundle.catalogue.manifest)
+        if reference is not None:
+            pin_collection(staging / MANIFEST_FILE, reference)
         for module in handler_modules():
             (staging / module).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / module, staging / module)
@@ -224,6 +267,8 @@ def build_archive(args):
         built = Path(tmp) / f"{args.name}.mar"
         write_atomically(archive, lambda f: copy_into(built, f), replace=args.replace)
     where = "bundled" if bundled else f"outside, at {args.catalogue_dir or bundle.manifest['catalogue']['path']}"
+    if milvus is not None:
+        where = f"{milvus.where()}, uid {reference['uid']}"
     print(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB), version {args.version}, catalogue {where} "
           f"({bundle.catalogue.count} items), runtime {runtime}, batch {args.batch_size} within "
           f"{args.max_batch_delay} ms")

@@ -14,10 +14,11 @@ from PIL import Image
 from serving.torchserve import MODEL_STORE
 from serving.version_record import changes_path, latest_version
 from visual_search.bundle import load_bundle
-from visual_search.catalogue.changes import ChangeLog
+from visual_search.catalogue.changes import ChangeLog, ListingExists
 from visual_search.catalogue.live import ChangeFollower
+from visual_search.catalogue.milvus import TOKEN_ENV, MilvusSettings
 from visual_search.cli import HelpFormatter
-from visual_search.errors import InputError, VisualSearchError
+from visual_search.errors import InputError, UnknownListingError, VisualSearchError
 from visual_search.fileio import write_atomically
 from visual_search.items import Item
 from visual_search.request import check_plain, read_listing, shown
@@ -30,6 +31,7 @@ USAGE = """examples:
   python -m serving.listings remove sku-1 sku-7
   python -m serving.listings status
   python -m serving.listings api --port 8083        # the HTTP write API (serving.listings_api)
+  python -m serving.listings --milvus-uri http://milvus:19530 --milvus-collection shop add ...   # Milvus engine
 """
 MAX_UNFOLDED = 100_000  # adds and removals not yet folded into a version; beyond, compact first
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
@@ -40,14 +42,19 @@ class TooManyUnfolded(VisualSearchError):
     label = "unfolded_limit"
 
 
+def embedding_runtime(bundle, device):
+    """The Runtime that embeds added photos: the one that embedded the bundle's catalogue, with its IR."""
+    settings = catalogue_settings(bundle.catalogue.manifest)
+    return Runtime(bundle, "cpu" if settings.engine == "openvino" else device, settings)
+
+
 class ListingWriter:
     """Writes one line's changes: the line's latest bundle and runtime embed added photos, its sealed catalogue and
     the log say what is live. Thread-safe (one change at a time)."""
 
     def __init__(self, bundle_dir, log_path, line, images=None, max_unfolded=MAX_UNFOLDED, device="cpu"):
         self.bundle = load_bundle(bundle_dir)
-        settings = catalogue_settings(self.bundle.catalogue.manifest)  # added rows are embedded as the catalogue was
-        self.runtime = Runtime(self.bundle, "cpu" if settings.engine == "openvino" else device, settings)
+        self.runtime = embedding_runtime(self.bundle, device)
         self.weights = self.bundle.manifest["weights_sha256"]
         self.log = ChangeLog(log_path, write=True, line=line)
         self.line, self.images, self.max_unfolded = line, Path(images) if images else None, max_unfolded
@@ -138,6 +145,68 @@ class ListingWriter:
         return reference, path
 
 
+class MilvusListingWriter(ListingWriter):
+    """Writes one line's changes into its Milvus collection itself: an add is an upsert of the listing's row, a
+    removal a delete by id. Milvus's WAL makes them durable and its consistency level visible; no log of ours."""
+
+    def __init__(self, bundle_dir, milvus, line, images=None, device="cpu"):
+        self.bundle = load_bundle(bundle_dir, milvus=milvus)
+        self.catalogue = self.bundle.catalogue
+        self.runtime = embedding_runtime(self.bundle, device)
+        self.line, self.images = line, Path(images) if images else None
+        self.lock = threading.Lock()
+
+    def close(self):
+        self.catalogue.close()
+
+    def add(self, item_id, category, photo, image=None):
+        """Adds a live listing (an upsert); returns {"id", "category", "image"}. ListingExists (409) when it is
+        live already."""
+        item_id = read_listing(check_plain("id", item_id), None, True)
+        category = check_plain("category", str(category or "").strip())
+        if category not in self.catalogue.category_codes:
+            raise InputError(f"unknown category {shown(category)}; this catalogue has: "
+                             f"{', '.join(self.catalogue.categories)}")
+        vector = self.embed(photo)
+        with self.lock:
+            if self.catalogue.contains(item_id):
+                raise ListingExists(f"listing {item_id!r} is already in the catalogue: remove it first to replace it")
+            written = None
+            if image is None:
+                image, written = self.store_photo(item_id, category, photo)
+            try:
+                self.catalogue.upsert(item_id, category, str(image), vector)
+            except BaseException:
+                if written is not None:
+                    written.unlink(missing_ok=True)
+                raise
+        return {"seq": None, "id": item_id, "category": category, "image": str(image)}
+
+    def remove(self, item_id):
+        """Removes a live listing (a delete by id); returns {"id"}. UnknownListingError (404) when it is not live."""
+        item_id = read_listing(check_plain("id", item_id), None, True)
+        with self.lock:
+            if not self.catalogue.contains(item_id):
+                raise UnknownListingError(f"unknown listing id {item_id!r}: not in the catalogue")
+            self.catalogue.delete(item_id)
+        return {"seq": None, "id": item_id}
+
+    def state(self, item_id):
+        return {"id": item_id, "state": "live" if self.catalogue.contains(item_id) else "unknown", "seq": None}
+
+    def status(self):
+        return {"line": self.line, "engine": "milvus", "collection": self.catalogue.settings.collection,
+                "live_items": self.catalogue.live_count}
+
+
+def milvus_of(args):
+    """The MilvusSettings the options name, or None (the line's catalogue is a folder with a change log)."""
+    if not args.milvus_collection:
+        return None
+    return MilvusSettings(args.milvus_uri, args.milvus_collection, token_file=args.milvus_token_file,
+                          token_env=args.milvus_token_env)
+
+
 def writer_of(args):
     """The ListingWriter the options name: --bundle, else the line's latest recorded version; --changes, else
     <model store>/<name>.changes.sqlite; --images, else the latest version's catalogue image folder."""
@@ -147,6 +216,9 @@ def writer_of(args):
         raise InputError(f"no version of {args.name!r} is recorded in {args.model_store}: record one with "
                          f"`python -m training.next_version --name {args.name} --bundle BUNDLE`, or pass --bundle")
     images = args.images or (latest or {}).get("data_dir")
+    milvus = milvus_of(args)
+    if milvus is not None:
+        return MilvusListingWriter(bundle, milvus, args.name, images)
     return ListingWriter(bundle, args.changes or changes_path(args.model_store, args.name), args.name, images,
                          args.max_unfolded)
 
@@ -160,6 +232,10 @@ def add_line_options(p):
     p.add_argument("--images", default=None, help="the catalogue image folder added photos go to (default: the "
                                                   "latest version's)")
     p.add_argument("--max-unfolded", type=int, default=MAX_UNFOLDED)
+    p.add_argument("--milvus-uri", default=None, help="the line's Milvus server (with --milvus-collection)")
+    p.add_argument("--milvus-collection", default=None, help="write to this collection instead of the change log")
+    p.add_argument("--milvus-token-file", default=None)
+    p.add_argument("--milvus-token-env", default=TOKEN_ENV)
 
 
 def get_args(argv=None):

@@ -21,6 +21,8 @@ from visual_search.preprocessing import PreprocessSettings
 from visual_search.runtime import Runtime
 
 MODEL_NAME = "tiny-search"
+FAISS_MODEL, MILVUS_MODEL = "faiss-exact", "milvus-flat"  # the same items, two engines (milvus_pair)
+MILVUS_TIMEOUT = 3.0  # s per Milvus call in the served archive
 
 
 @pytest.fixture(scope="session")
@@ -111,3 +113,40 @@ def calibrated_bundle_dir(duplicates_catalogue_photos, held_out_dir, tmp_path_fa
                    embeddings=embeddings, normalize=True, image_root=root, duplicates=duplicates,
                    notes="near-duplicate tests", progress=False)
     return out
+
+
+def milvus(tmp_path_factory):
+    """A real Milvus Lite server on a free loopback port, stopped by its pid at the end."""
+    from tests.milvus_server import running_milvus  # noqa: PLC0415
+
+    with running_milvus(tmp_path_factory.mktemp("milvus") / "data") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def milvus_pair(bundle_dir, photo_dir, milvus, tmp_path_factory):
+    """One TorchServe serving the same items twice, 2 workers each: FAISS_MODEL searches the bundle's exact
+    catalogue folder (and follows its change log), MILVUS_MODEL a FLAT Milvus collection published from that
+    folder. The two lines' writers make the same live changes."""
+    from serving.listings import ListingWriter, MilvusListingWriter  # noqa: PLC0415
+    from training.publish_milvus import publish_folder  # noqa: PLC0415
+    from visual_search.bundle import catalogue_folder, read_manifest  # noqa: PLC0415
+    from visual_search.catalogue.milvus import MilvusSettings  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("milvus-pair")
+    store = root / "store"
+    settings = MilvusSettings(milvus.uri, "tiny_flat", timeout=MILVUS_TIMEOUT)
+    publish_folder(settings, catalogue_folder(bundle_dir, read_manifest(bundle_dir)), profile="exact", progress=False)
+    common = ["--bundle", str(bundle_dir), "--model-store", str(store), "--workers", "2", "--batch-size", "4",
+              "--max-batch-delay", "20", "--startup-timeout", "120", "--response-timeout", "30"]
+    build_archive([*common, "--name", FAISS_MODEL])
+    build_archive([*common, "--name", MILVUS_MODEL, "--milvus-uri", milvus.uri, "--milvus-collection",
+                   settings.collection, "--milvus-timeout", str(MILVUS_TIMEOUT)])
+    with running_torchserve(root / "ts", store, [f"{FAISS_MODEL}.mar", f"{MILVUS_MODEL}.mar"]) as server:
+        writers = {FAISS_MODEL: ListingWriter(bundle_dir, store / f"{FAISS_MODEL}.changes.sqlite", FAISS_MODEL),
+                   MILVUS_MODEL: MilvusListingWriter(bundle_dir, settings, MILVUS_MODEL)}
+        try:
+            yield {"server": server, "milvus": milvus, "settings": settings, "writers": writers, "store": store}
+        finally:
+            for writer in writers.values():
+                writer.close()

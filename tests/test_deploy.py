@@ -107,7 +107,7 @@ def test_requirements_txt_includes_the_serving_pins_and_repeats_none():
 DEV_MODULES = {"tensorboard": "tensorboard", "matplotlib": "matplotlib", "locust": "locust",
                "pytest": "pytest", "fastapi": "fastapi", "uvicorn": "uvicorn", "python-multipart": "multipart",
                "httpx": "httpx", "playwright": "playwright", "kubernetes-validate": "kubernetes_validate",
-               "torch-model-archiver": "model_archiver", "nncf": "nncf", "ruff": "ruff"}
+               "torch-model-archiver": "model_archiver", "nncf": "nncf", "ruff": "ruff", "milvus-lite": "milvus_lite"}
 
 
 def test_the_handler_and_the_start_command_import_with_the_serving_requirements_alone():
@@ -177,7 +177,7 @@ def test_a_kind_without_a_schema_is_an_error_not_a_pass():
 def test_the_validator_cli_checks_every_manifest_and_exits_0():
     result = subprocess.run([sys.executable, "-m", "deploy.validate"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok ") == len(manifests())
+    assert result.stdout.count("ok ") == len(manifests()) + 1  # and deploy/milvus/values.yaml
     verdicts = [line.split()[0] for line in result.stdout.splitlines() if line.startswith(("open", "closed"))]
     assert verdicts == ["closed"] * 3, result.stdout  # the Deployment and both InferenceServices
 
@@ -388,16 +388,14 @@ def test_the_network_policies_let_in_only_the_gateway_knative_and_monitoring():
 
 
 @pytest.mark.parametrize("name", ["visual-search", "visual-search-predictor"])
-def test_the_pods_reach_nothing_but_the_cluster_dns(name):
+def test_the_pods_reach_nothing_but_the_cluster_dns_and_milvus(name):
     policy = resource("NetworkPolicy", name)
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
-    (rule,) = policy["spec"]["egress"]
-    assert rule["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
-                           "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
-    assert sorted((p["port"], p["protocol"]) for p in rule["ports"]) == [(53, "TCP"), (53, "UDP")]
-    text = next(path for path, doc in manifests() if doc is not None and doc["metadata"]["name"] == name
-                and doc["kind"] == "NetworkPolicy").read_text()
-    assert "# Milvus" in text, "the commented place for the Milvus rule"
+    dns, milvus = policy["spec"]["egress"]
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                          "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [(53, "TCP"), (53, "UDP")]
+    assert milvus["ports"] == [{"port": 19530, "protocol": "TCP"}]  # tests/test_deploy_milvus.py checks whom
 
 
 def test_the_deployment_mounts_one_release_read_only_and_rolls_without_losing_capacity():

@@ -10,6 +10,7 @@ import torch
 
 from . import ARCHIVE_FORMAT_VERSION, EMBEDDING_DIM
 from .catalogue import open_catalogue
+from .catalogue.milvus import MilvusSettings, open_collection
 from .errors import BundleError, CatalogueError
 from .fileio import sha256_file, under_catalogues
 from .model import ProductNet
@@ -128,9 +129,11 @@ def load_model(bundle_dir, manifest, verify_checksum=True):
     return model.eval()
 
 
-def load_bundle(bundle_dir, catalogue_dir=None, verify_checksums=True, mmap=True):
+def load_bundle(bundle_dir, catalogue_dir=None, verify_checksums=True, mmap=True, milvus=None):
     """Loads the model and opens its catalogue (memory-mapped, cheaply checked against the manifest's reference);
-    raises BundleError naming the first mismatch."""
+    raises BundleError naming the first mismatch. `milvus` (a MilvusSettings or its dict): the catalogue is that
+    collection instead of a folder, checked against the same reference; an archive whose reference names a
+    collection needs it."""
     bundle_dir = Path(bundle_dir)
     missing = [name for name in BUNDLE_FILES if not (bundle_dir / name).is_file()]
     if missing:
@@ -142,6 +145,8 @@ def load_bundle(bundle_dir, catalogue_dir=None, verify_checksums=True, mmap=True
     PreprocessSettings.from_dict(manifest["preprocess"])
     check_runtime(bundle_dir, manifest, verify_checksums)
     model = load_model(bundle_dir, manifest, verify_checksums)
+    if milvus is not None or manifest["catalogue"].get("engine") == "milvus":
+        return Bundle(model=model, catalogue=open_milvus(manifest["catalogue"], milvus), manifest=manifest)
     folder = catalogue_folder(bundle_dir, manifest, catalogue_dir)
     if not folder.is_dir():
         raise BundleError(f"catalogue folder {folder} not found (this archive expects catalogue "
@@ -151,3 +156,20 @@ def load_bundle(bundle_dir, catalogue_dir=None, verify_checksums=True, mmap=True
     except CatalogueError as error:
         raise BundleError(str(error)) from None
     return Bundle(model=model, catalogue=catalogue, manifest=manifest, folder=bundle_dir)
+
+
+def open_milvus(reference, settings):
+    """The MilvusCatalogue of `settings`, checked against the bundle's catalogue reference: all of it when that
+    names a collection (an archive's), its dimension and normalisation when it names a folder (a bundle's: the
+    collection was published from that folder, or from the same model's embeddings)."""
+    if settings is None:
+        raise BundleError(f"this archive searches Milvus collection {reference.get('collection')!r}: its "
+                          f"model-config.yaml needs handler.milvus (uri, collection)")
+    if not isinstance(settings, MilvusSettings):
+        settings = MilvusSettings.from_dict(settings)
+    try:
+        expect = reference if reference.get("engine") == "milvus" else \
+            {key: reference[key] for key in ("dim", "normalized") if key in reference}
+        return open_collection(settings, expect=expect)
+    except CatalogueError as error:
+        raise BundleError(str(error)) from None

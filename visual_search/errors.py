@@ -42,3 +42,9 @@ class CatalogueError(VisualSearchError):
 class BundleError(VisualSearchError):
     """A bundle or archive is incomplete or inconsistent; the message says what does not match."""
     label = "bundle"
+
+
+class CatalogueUnavailable(VisualSearchError):
+    """The catalogue engine (a Milvus server) did not answer in time; the request may be retried."""
+    status = 503
+    label = "catalogue_unavailable"

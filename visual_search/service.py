@@ -83,7 +83,7 @@ class SearchService:
         device `gpu_id` when there is one."""
         settings = settings or {}
         cores = CoreShare(settings.get("threads"))
-        bundle = load_bundle(model_dir, catalogue_dir=settings.get("catalogue_dir"))
+        bundle = load_bundle(model_dir, catalogue_dir=settings.get("catalogue_dir"), milvus=settings.get("milvus"))
         use_cuda = torch.cuda.is_available() and gpu_id is not None
         device = torch.device(f"cuda:{gpu_id}" if use_cuda else "cpu")
         runtime_settings, dropped = RuntimeSettings.from_dict(bundle.manifest["runtime"]).for_device(device)
@@ -94,7 +94,7 @@ class SearchService:
         limits = Limits(default_k=int(settings.get("default_k", 4)),
                         max_k=min(int(settings.get("max_k", 100)), bundle.catalogue.count))
         follower = None
-        if settings.get("changes"):
+        if settings.get("changes") and not settings.get("milvus"):  # Milvus keeps its own changes
             follower = ChangeFollower(bundle.catalogue, under_catalogues(settings["changes"]),
                                       bundle.manifest["weights_sha256"])
         service = cls(bundle, runtime, limits, cores, model_name, version, follower)
@@ -164,6 +164,8 @@ class SearchService:
             with metrics.timed("Search"):
                 try:
                     results, extras = finish(self.catalogue, requests, self.catalogue.answer(requests), plans)
+                except VisualSearchError as error:  # e.g. the catalogue engine did not answer (503)
+                    results, extras = [error] * len(requests), [{}] * len(requests)
                 except Exception:
                     log.exception("the catalogue failed on a batch of %d searches", len(requests))
                     results = [internal_error("searching the catalogue")] * len(requests)
@@ -227,6 +229,7 @@ class SearchService:
                 "catalogue": {"uid": catalogue["uid"], "version": catalogue.get("version"), "items": catalogue["count"],
                               "categories": catalogue["categories"], "profile": catalogue["profile"],
                               "factory": catalogue["factory"], "search": catalogue["search"],
+                              "engine": catalogue.get("engine", "faiss"),
                               "bundled": manifest["catalogue"].get("bundled", False)},
                 "embedding_dim": manifest["embedding_dim"],
                 "preprocess": manifest["preprocess"], "runtime": self.runtime.settings.to_dict(),

@@ -107,13 +107,9 @@ def plan_of(params, calibrated, manifest, category=None):
 
 
 def stored_vectors(catalogue, ids):
-    """float32 [len(ids), dim]: the stored vectors of live listings, sealed or added through the change log, in the
-    order of `ids`."""
-    overlay = catalogue.overlay
-    found = {item_id: overlay.listing(item_id) for item_id in ids} if overlay is not None else {}
-    added = {item_id: hit[0] for item_id, hit in found.items() if hit is not None}
-    sealed = catalogue.items.keys_of([item_id for item_id in ids if item_id not in added])
-    return catalogue.vectors_of([added[item_id] if item_id in added else sealed[item_id] for item_id in ids])
+    """float32 [len(ids), dim]: the stored vectors of live listings, in the order of `ids` (a catalogue folder, with
+    its live changes, or a Milvus collection)."""
+    return catalogue.stored_vectors(ids)
 
 
 def collapse(vectors, thresholds, k):

@@ -217,6 +217,15 @@ class Catalogue:
                   if removed is None or not bits_of(removed, [key])[0]]
         return sealed + (self.overlay.items() if self.overlay is not None else [])
 
+    def stored_vectors(self, ids):
+        """float32 [len(ids), dim]: the stored vectors of live listings, sealed or added through the change log, in
+        the order of `ids`."""
+        overlay = self.overlay
+        found = {item_id: overlay.listing(item_id) for item_id in ids} if overlay is not None else {}
+        added = {item_id: hit[0] for item_id, hit in found.items() if hit is not None}
+        sealed = self.items.keys_of([item_id for item_id in ids if item_id not in added])
+        return self.vectors_of([added[item_id] if item_id in added else sealed[item_id] for item_id in ids])
+
     def vector(self, item_id):
         """The stored vector of a listing."""
         key, _ = self.listing(item_id)
