@@ -13,7 +13,7 @@ from PIL import Image
 
 from serving.torchserve import MODEL_STORE
 from serving.version_record import changes_path, latest_version
-from visual_search.bundle import load_bundle
+from visual_search.bundle import load_bundle, read_manifest
 from visual_search.catalogue.changes import ChangeLog, ListingExists
 from visual_search.catalogue.live import ChangeFollower
 from visual_search.catalogue.milvus import TOKEN_ENV, MilvusSettings
@@ -215,7 +215,8 @@ def writer_of(args):
     if not bundle:
         raise InputError(f"no version of {args.name!r} is recorded in {args.model_store}: record one with "
                          f"`python -m training.next_version --name {args.name} --bundle BUNDLE`, or pass --bundle")
-    images = args.images or (latest or {}).get("data_dir")
+    # the catalogue image folder: given, else the latest version's, else the one the bundle records
+    images = args.images or (latest or {}).get("data_dir") or read_manifest(bundle).get("image_root")
     milvus = milvus_of(args)
     if milvus is not None:
         return MilvusListingWriter(bundle, milvus, args.name, images)
@@ -230,7 +231,7 @@ def add_line_options(p):
                                                   "recorded version's)")
     p.add_argument("--changes", default=None, help="the change log (default: <model store>/<name>.changes.sqlite)")
     p.add_argument("--images", default=None, help="the catalogue image folder added photos go to (default: the "
-                                                  "latest version's)")
+                                                  "latest version's, else the bundle's)")
     p.add_argument("--max-unfolded", type=int, default=MAX_UNFOLDED)
     p.add_argument("--milvus-uri", default=None, help="the line's Milvus server (with --milvus-collection)")
     p.add_argument("--milvus-collection", default=None, help="write to this collection instead of the change log")

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from loadtests.photos import product_jpeg
+from loadtests.photos import encode, product_jpeg, product_photo
 from serving.build_archive import main as build_archive
 from serving.torchserve import ROOT
 from tests.fixtures import running_torchserve
@@ -64,9 +64,11 @@ def readme_server(calibrated_bundle_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reader_dir(readme_server, tmp_path_factory):
-    """Where the reader types the commands: photo.jpg (a 640x480 camera photo) and .torchserve/ (the keys)."""
+    """Where the reader types the commands: photo.jpg and photo.png (640x480 product photos) and .torchserve/ (the
+    keys)."""
     folder = tmp_path_factory.mktemp("reader")
     (folder / "photo.jpg").write_bytes(product_jpeg(7, (640, 480)))
+    (folder / "photo.png").write_bytes(encode(product_photo("shoes", seed=7, size=(640, 480)), "PNG"))
     (folder / ".torchserve").symlink_to(readme_server.state_dir, target_is_directory=True)
     assert (folder / ".torchserve" / "key_file.json").is_file()
     # curl reads its settings from $CURL_HOME/.curlrc: the status is appended to the output, the lines stay as written

@@ -167,8 +167,8 @@ class Overlay:
         if k == 0 or not len(positions):
             return np.zeros((len(queries), 0), dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64)
         vectors = self.vectors[positions]
-        d = ((queries ** 2).sum(axis=1, keepdims=True) + (vectors ** 2).sum(axis=1)[None, :]
-             - 2.0 * queries @ vectors.T).astype(np.float32)
+        d = np.maximum((queries ** 2).sum(axis=1, keepdims=True) + (vectors ** 2).sum(axis=1)[None, :]
+                       - 2.0 * queries @ vectors.T, 0.0).astype(np.float32)  # no rounding below zero
         top = np.argsort(d, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(d, top, 1), self.key_space + positions[top]
 
