@@ -156,8 +156,13 @@ def level_figures(server, photos, seconds, clients, k):
     elapsed = time.perf_counter() - start
     return {"requests_per_s": (len(results) + len(times)) / elapsed, "failed": len(load.failures()),
             "p50_ms": 1000 * statistics.median(times), "p99_ms": 1000 * percentile(times, 99),
-            "search_p50_ms_at_most": 1000 * quantile(before, after, 0.5),
-            "search_p99_ms_at_most": 1000 * quantile(before, after, 0.99)}
+            "search_p50_ms_at_most": milliseconds(quantile(before, after, 0.5)),
+            "search_p99_ms_at_most": milliseconds(quantile(before, after, 0.99))}
+
+
+def milliseconds(seconds):
+    """None when the server exports no such histogram (TorchServe's metrics mode is not prometheus)."""
+    return None if seconds is None else 1000 * seconds
 
 
 def wait_applied(server, seq, timeout=600):

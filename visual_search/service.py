@@ -4,7 +4,7 @@ handler/visual_search_handler.py adapts it to TorchServe; another server could c
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -72,6 +72,8 @@ class SearchService:
     def __init__(self, bundle, runtime, limits, cores, model_name=None, version=None, follower=None):
         self.bundle, self.runtime, self.limits, self.cores = bundle, runtime, limits, cores
         self.catalogue, self.follower = bundle.catalogue, follower
+        self.max_k = limits.max_k  # the archive's; the limit is also at most the listings live now
+        self.cap_k()
         self.model_name, self.version = model_name, version
         self.categories = np.array(bundle.categories)
         self.duplicate_threshold = calibrated_threshold(self.catalogue.manifest, bundle.manifest.get("weights_sha256"))
@@ -91,8 +93,7 @@ class SearchService:
             log.info("runtime setting %s not applied: %s", name, why)
         check_catalogue_runtime(bundle.catalogue.manifest, runtime_settings)
         runtime = Runtime(bundle, device, runtime_settings, warmup_batch=batch_size)
-        limits = Limits(default_k=int(settings.get("default_k", 4)),
-                        max_k=min(int(settings.get("max_k", 100)), bundle.catalogue.count))
+        limits = Limits(default_k=int(settings.get("default_k", 4)), max_k=int(settings.get("max_k", 100)))
         follower = None
         if settings.get("changes") and not settings.get("milvus"):  # Milvus keeps its own changes
             follower = ChangeFollower(bundle.catalogue, under_catalogues(settings["changes"]),
@@ -111,6 +112,7 @@ class SearchService:
             with metrics.timed("Changes"):
                 self.follower.refresh()
             self.record_changes(metrics)
+            self.cap_k()
         kinds = list(kinds or ["predict"] * len(rows))
         with metrics.timed("Preprocess"):
             skip = {i for i, kind in enumerate(kinds) if kind != "predict"}
@@ -124,6 +126,11 @@ class SearchService:
             if isinstance(error, VisualSearchError):
                 metrics.rejection(error)
         return answers
+
+    def cap_k(self):
+        """The largest k a request may ask for: the archive's, at most the listings live now."""
+        live = self.catalogue.live_count if self.follower is not None else self.catalogue.count
+        self.limits = replace(self.limits, max_k=min(self.max_k, live))
 
     def record_changes(self, metrics):
         """The overlay's gauges: changes not yet folded, the log's length, the lag at this batch, overlay bytes."""
