@@ -35,7 +35,7 @@ USAGE = """examples:
 
 HANDLER = ROOT / "handler" / "visual_search_handler.py"
 PACKAGE = ROOT / "visual_search"
-# batchSize and maxBatchDelay per runtime, measured on a 2-core CPU (docs/performance.md); GPUs: set them
+# batchSize and maxBatchDelay per runtime on a CPU (docs/performance.md says which were measured); GPUs: set them
 SERVING_DEFAULTS = {
     "torch-fp32": {"batch_size": 4, "max_batch_delay": 5},
     "openvino-fp32": {"batch_size": 4, "max_batch_delay": 5},
