@@ -5,6 +5,7 @@ import argparse
 import functools
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -260,7 +261,11 @@ def build_archive(args):
             "--handler", str(HANDLER), "--extra-files", str(staging), "--config-file", str(config),
             "--export-path", tmp, "--force",
         ]
-        result = subprocess.run(command, capture_output=True, text=True)
+        # the archiver stages files in <temp dir>/<model name>: a temp dir of this run's own, so that two builds of
+        # one model name at once never share (and delete) each other's files
+        scratch = Path(tmp) / "archiver-tmp"
+        scratch.mkdir()
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(scratch)})
         if result.returncode != 0:
             sys.exit(f"torch-model-archiver failed ({result.returncode}):\n{result.stderr or result.stdout}")
         # The archiver names the file after the model; --out-name renames only the file (e.g. name-v2.mar).

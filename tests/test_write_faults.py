@@ -43,9 +43,9 @@ def line(bundle_dir, photo_dir, tmp_path_factory):
 class Driver:
     """tests.write_driver in a process of its own, its stdout read line by line."""
 
-    def __init__(self, line, seed):
+    def __init__(self, line, seed, first=None):
         command = [sys.executable, "-m", "tests.write_driver", "--name", MODEL, "--model-store", str(line["store"]),
-                   "--work", str(line["root"] / "work"), "--seed", str(seed)]
+                   "--work", str(line["root"] / "work"), "--seed", str(seed), *(["--first", first] if first else [])]
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                         text=True)
         self.lines, self.ready = [], threading.Event()
@@ -134,7 +134,7 @@ def test_sigkill_at_random_points_loses_no_change_and_leaves_nothing_half_writte
     reported, killed_in = [], []
     for kill in range(KILLS):
         kind = list(KILL_WITHIN)[kill % len(KILL_WITHIN)]
-        driver = Driver(line, seed=kill)
+        driver = Driver(line, seed=kill, first=kind)
         assert driver.ready.wait(300), "the writer did not start"
         began = driver.wait_for_begin(kind)
         time.sleep(rng.uniform(0, KILL_WITHIN[kind]))

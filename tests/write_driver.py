@@ -25,8 +25,11 @@ def main(argv=None):
     p.add_argument("--model-store", required=True)
     p.add_argument("--work", required=True, help="a folder for the photos of published versions")
     p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--first", choices=("add", "remove", "compact", "publish"), default=None,
+                   help="the kind of write to begin with (the one the test kills inside); then random")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
+    first = args.first
     say(ready=True)
     while True:
         latest = latest_version(args.model_store, args.name)
@@ -34,7 +37,9 @@ def main(argv=None):
                                latest["data_dir"])
         try:
             for _ in range(rng.randint(1, 4)):
-                if rng.random() < 0.5:
+                wanted = first if first in ("add", "remove") else None
+                first = None if wanted else first
+                if wanted == "add" or (wanted is None and rng.random() < 0.5):
                     category = rng.choice(CATEGORIES)
                     item_id = f"live-{args.seed}-{rng.randrange(10 ** 9)}"
                     photo = encode(product_photo(category, rng.randrange(10 ** 6), size=(64, 48)), "JPEG")
@@ -53,7 +58,8 @@ def main(argv=None):
         finally:
             writer.close()
         argv = ["--name", args.name, "--model-store", args.model_store]
-        if rng.random() < 0.5:
+        wanted, first = first, None
+        if wanted == "compact" or (wanted is None and rng.random() < 0.5):
             argv.append("--compact")
         else:  # a version with new photos, as an operator publishes one
             folder = Path(args.work) / f"new-{rng.randrange(10 ** 9)}"
