@@ -115,6 +115,7 @@ def calibrated_bundle_dir(duplicates_catalogue_photos, held_out_dir, tmp_path_fa
     return out
 
 
+@pytest.fixture(scope="session")
 def milvus(tmp_path_factory):
     """A real Milvus Lite server on a free loopback port, stopped by its pid at the end."""
     from tests.milvus_server import running_milvus  # noqa: PLC0415
