@@ -79,25 +79,36 @@ class ListingWriter:
     def add(self, item_id, category, photo, image=None):
         """Adds a live listing; returns {"seq", "id", "category", "image"}. The photo goes to the catalogue image
         folder as <category>/<id><suffix> unless `image` gives its reference (a URL, say)."""
-        item_id = read_listing(check_plain("id", item_id), None, True)
-        category = check_plain("category", str(category or "").strip())
-        if category not in self.bundle.catalogue.category_codes:
-            raise InputError(f"unknown category {shown(category)}; this catalogue has: "
-                             f"{', '.join(self.bundle.catalogue.categories)}")
+        item_id, category = self.checked(item_id, category, self.bundle.catalogue)
         vector = self.embed(photo)
         with self.lock:
             self.check_room()
-            written = None
-            if image is None:
-                image, written = self.store_photo(item_id, category, photo)
-            try:
-                seq = self.log.append_add(Item(item_id, category, str(image)), vector, self.weights,
-                                          self.in_sealed)
-            except BaseException:
-                if written is not None:
-                    written.unlink(missing_ok=True)
-                raise
+            image, seq = self.with_photo(item_id, category, photo, image, lambda image: self.log.append_add(
+                Item(item_id, category, str(image)), vector, self.weights, self.in_sealed))
         return {"seq": seq, "id": item_id, "category": category, "image": str(image)}
+
+    @staticmethod
+    def checked(item_id, category, catalogue):
+        """(id, category) of a listing to add, read as requests are; InputError for a category not in `catalogue`."""
+        item_id = read_listing(check_plain("id", item_id), None, True)
+        category = check_plain("category", str(category or "").strip())
+        if category not in catalogue.category_codes:
+            raise InputError(f"unknown category {shown(category)}; this catalogue has: "
+                             f"{', '.join(catalogue.categories)}")
+        return item_id, category
+
+    def with_photo(self, item_id, category, photo, image, write):
+        """(image reference, what `write(image)` returned): the photo stored first unless `image` is given, and
+        taken away again if the write fails."""
+        written = None
+        if image is None:
+            image, written = self.store_photo(item_id, category, photo)
+        try:
+            return image, write(image)
+        except BaseException:
+            if written is not None:
+                written.unlink(missing_ok=True)
+            raise
 
     def remove(self, item_id):
         """Removes a live listing; returns {"seq", "id"}. UnknownListingError (404) when it is not live."""
@@ -162,24 +173,13 @@ class MilvusListingWriter(ListingWriter):
     def add(self, item_id, category, photo, image=None):
         """Adds a live listing (an upsert); returns {"id", "category", "image"}. ListingExists (409) when it is
         live already."""
-        item_id = read_listing(check_plain("id", item_id), None, True)
-        category = check_plain("category", str(category or "").strip())
-        if category not in self.catalogue.category_codes:
-            raise InputError(f"unknown category {shown(category)}; this catalogue has: "
-                             f"{', '.join(self.catalogue.categories)}")
+        item_id, category = self.checked(item_id, category, self.catalogue)
         vector = self.embed(photo)
         with self.lock:
             if self.catalogue.contains(item_id):
                 raise ListingExists(f"listing {item_id!r} is already in the catalogue: remove it first to replace it")
-            written = None
-            if image is None:
-                image, written = self.store_photo(item_id, category, photo)
-            try:
-                self.catalogue.upsert(item_id, category, str(image), vector)
-            except BaseException:
-                if written is not None:
-                    written.unlink(missing_ok=True)
-                raise
+            image, _ = self.with_photo(item_id, category, photo, image,
+                                       lambda image: self.catalogue.upsert(item_id, category, str(image), vector))
         return {"seq": None, "id": item_id, "category": category, "image": str(image)}
 
     def remove(self, item_id):
